@@ -203,6 +203,23 @@ def save_model(
     return Path(path)
 
 
+def merge_adapter(model_dir: str | Path, adapter_dir: str | Path, out: str | Path, *, dtype: torch.dtype | None = None) -> Path:
+    """Fold a LoRA adapter (PEFT layout) into its base model and write the result as a folder.
+
+    The merge is done in float32; the weights are written in `dtype` (default: the base
+    folder's own dtype, float32 when it names none), with the base folder's tokenizer files.
+    """
+    from minidpo.lora import load_adapter, merge_lora
+
+    model, config = load_model(model_dir, dtype=torch.float32)
+    load_adapter(model, adapter_dir)
+    merge_lora(model)
+    if dtype is None:
+        stored = config.torch_dtype if config.torch_dtype in ("float32", "bfloat16", "float16") else "float32"
+        dtype = getattr(torch, stored)
+    return save_model(model, out, dtype=dtype, tokenizer_from=model_dir)
+
+
 def write_weights(
     tensors: dict[str, torch.Tensor],
     folder: Path,

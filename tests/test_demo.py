@@ -12,6 +12,12 @@ def test_stratified_keeps_class_shares_and_is_stable():
     assert picked == stratified(list(reversed(rows)), 12, lambda r: r["label"], {"a": 0.5, "b": 0.5})
 
 
+def test_stratified_names_every_compound_before_repeating_one():
+    rows = [{"id": f"{c}{i}", "label": "a", "compound": c} for c in "xyz" for i in range(5)]
+    picked = stratified(rows, 6, lambda r: r["label"], {"a": 1.0})
+    assert sorted(r["compound"] for r in picked) == ["x", "x", "y", "y", "z", "z"]
+
+
 def test_prepare_data_slices_the_shipped_sets(tmp_path):
     train, evals = prepare_data(tmp_path, QUICK)
     pairs = [json.loads(line) for line in train.read_text().splitlines()]
@@ -27,11 +33,14 @@ def test_quick_demo_runs_end_to_end(smollm2_dir, tmp_path):
     out = tmp_path / "demo"
     summary = run_demo(out, quick=True, model_dir=smollm2_dir, device="cpu", log=lambda message: None)
     assert [(r["split"], r["model"]) for r in summary["rows"]] == [
-        ("unseen phrasings", "base"), ("unseen phrasings", "dpo"),
-        ("unseen compounds", "base"), ("unseen compounds", "dpo"),
+        ("unseen phrasings", "base"), ("unseen phrasings", "sft"), ("unseen phrasings", "dpo"),
+        ("unseen compounds", "base"), ("unseen compounds", "sft"), ("unseen compounds", "dpo"),
     ]
     for r in summary["rows"]:
         assert r["safety"]["n"] + r["utility"]["n"] == QUICK.eval_per_split
     assert (out / "demo.md").read_text().strip() == format_table(summary)
+    assert (out / "sft_model" / "model.safetensors").is_file()
+    assert json.loads((out / "dpo" / "train_config.json").read_text())["model"] == str(out / "sft_model")
     assert (out / "dpo" / "adapter" / "adapter_model.safetensors").is_file()
+    assert (out / "demo.png").is_file()
     assert json.loads((out / "demo.json").read_text())["rows"] == summary["rows"]

@@ -15,13 +15,8 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
     import torch
 
-    from minidpo.checkpoint import load_model, save_model
-    from minidpo.lora import load_adapter, merge_lora
+    from minidpo.checkpoint import merge_adapter
 
-    model, config = load_model(args.model, dtype=torch.float32)
-    load_adapter(model, args.adapter)
-    merge_lora(model)
-    stored = config.torch_dtype if config.torch_dtype in ("float32", "bfloat16", "float16") else "float32"
-    saved = getattr(torch, args.dtype or stored)
-    print(save_model(model, args.out, dtype=saved, tokenizer_from=args.model))
+    dtype = getattr(torch, args.dtype) if args.dtype else None
+    print(merge_adapter(args.model, args.adapter, args.out, dtype=dtype))
     return 0
