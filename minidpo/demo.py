@@ -318,15 +318,15 @@ def _draw(summary: dict[str, Any], out: Path, path: Path) -> None:
     dpo_loss = "DPO loss (+ RPO NLL)" if summary["settings"]["rpo_alpha"] else "DPO loss"
     panels = [("sft", "loss", "SFT loss (NLL per token)"), ("dpo", "loss", dpo_loss),
               ("dpo", "rewards/accuracies", "DPO reward accuracy")]
-    fig, axes = plt.subplots(1, 1 + len(panels), figsize=(19, 4))
+    fig, axes = plt.subplots(1, 1 + len(panels), figsize=(20, 4.2), gridspec_kw={"width_ratios": [2, 1, 1, 1]})
     ax_bar, rows, width = axes[0], summary["rows"], 0.2
     for i, metric in enumerate(("safety", "utility", "overall", "balanced")):
         ax_bar.bar([j + i * width for j in range(len(rows))], [r[metric]["rate"] for r in rows], width, label=metric)
-    ax_bar.set_xticks([j + 1.5 * width for j in range(len(rows))], [f"{r['split']}\n{r['model']}" for r in rows],
-                      fontsize=7)
-    ax_bar.set_ylim(0, 1.05)
+    ax_bar.set_xticks([j + 1.5 * width for j in range(len(rows))], [f"{r['model']}\n{r['split']}" for r in rows],
+                      fontsize=8)
+    ax_bar.set_ylim(0, 1.25)
     ax_bar.set_title(f"before / after training ({summary['mode']})")
-    ax_bar.legend(fontsize=8)
+    ax_bar.legend(fontsize=8, ncol=4, loc="upper center")
     for ax, (stage, key, title) in zip(axes[1:], panels):
         points = curve(stage, key)
         if points:

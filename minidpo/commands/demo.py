@@ -1,6 +1,6 @@
 """minidpo demo: the embedded default end to end (see minidpo/demo.py)."""
 
-HELP = "the LibraChem method end to end on the default model: evaluate, DPO + LoRA, evaluate again"
+HELP = "the LibraChem method end to end on the default model: evaluate, SFT then DPO with LoRA, evaluate again"
 
 
 def add_arguments(p):
