@@ -204,7 +204,8 @@ def run_demo(
 
     policy_base, sft_train = model_dir, None
     if settings.sft_steps:
-        log("demo: SFT + LoRA on the chosen answers")
+        log(f"demo: SFT + LoRA on the chosen answers, a {settings.max_length}-token window (prompt and the"
+            " reply's opening, where it refuses or answers)")
         sft = train_sft(train_config("sft", model_dir, settings.sft_steps, settings.sft_lr), log=log)
         sft_train = sft.train
         policy_base = out / "sft_model"
