@@ -8,6 +8,8 @@
   with ChatML special tokens; `tiny_llama_dir` is the default one.
 - `make_tiny_gguf(...)`: a tiny llama GGUF written with gguf.GGUFWriter, its weights
   quantized with gguf.quants, returned with the original weights and the raw blocks.
+- `bpe`, `sp_model` (module): tokenizers trained in-process (tokenizer_helpers.py);
+  `tok`, `model` (module): the tiny tokenizer and random model of tiny_lm.py.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from tiny_lm import tiny_model, tiny_tokenizer
+from tokenizer_helpers import train_byte_level_bpe, train_sentencepiece
 
 CHATML_TEMPLATE = (
     "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
@@ -273,6 +277,26 @@ def make_tiny_gguf(tmp_path_factory):
 # ---- process exit
 
 _EXIT_STATUS: list[int] = []
+
+
+@pytest.fixture(scope="module")
+def bpe():
+    return train_byte_level_bpe()
+
+
+@pytest.fixture(scope="module")
+def sp_model():
+    return train_sentencepiece()
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory):
+    return tiny_tokenizer(tmp_path_factory.mktemp("tok"))
+
+
+@pytest.fixture(scope="module")
+def model(tok):
+    return tiny_model(tok.vocab_size)
 
 
 def pytest_sessionfinish(session, exitstatus):

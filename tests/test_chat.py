@@ -8,8 +8,6 @@ import pytest
 import sentencepiece as spm
 from tokenizer_helpers import (
     hf_fast_tokenizer,
-    train_byte_level_bpe,
-    train_sentencepiece,
     write_sentencepiece_folder,
 )
 
@@ -90,16 +88,6 @@ CONVERSATIONS = [
     ],
     [{"role": "user", "content": ""}],
 ]
-
-
-@pytest.fixture(scope="module")
-def bpe():
-    return train_byte_level_bpe()
-
-
-@pytest.fixture(scope="module")
-def sp_model():
-    return train_sentencepiece()
 
 
 def loaded(model, bpe, folder):

@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from tiny_lm import tiny_model, tiny_model_folder, tiny_tokenizer
+from tiny_lm import tiny_model, tiny_model_folder
 
 from minidpo.sampler import (
     SamplingParams,
@@ -14,16 +14,6 @@ from minidpo.sampler import (
     generate_rows,
     render_chat,
 )
-
-
-@pytest.fixture(scope="module")
-def tok(tmp_path_factory):
-    return tiny_tokenizer(tmp_path_factory.mktemp("tok"))
-
-
-@pytest.fixture(scope="module")
-def model(tok):
-    return tiny_model(tok.vocab_size)
 
 
 def prompts_of_lengths(tok, lengths, seed=0):

@@ -5,7 +5,6 @@ import json
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from tiny_lm import tiny_model, tiny_tokenizer
 
 from minidpo.sampler import generate, render_chat
 from minidpo.server import serve_in_thread
@@ -14,16 +13,6 @@ openai = pytest.importorskip("openai")
 
 KEY = "test-key"
 MESSAGES = [{"role": "user", "content": "What is the boiling point of water?"}]
-
-
-@pytest.fixture(scope="module")
-def tok(tmp_path_factory):
-    return tiny_tokenizer(tmp_path_factory.mktemp("tok"))
-
-
-@pytest.fixture(scope="module")
-def model(tok):
-    return tiny_model(tok.vocab_size)
 
 
 @pytest.fixture(scope="module")

@@ -7,8 +7,6 @@ import sentencepiece as spm
 from tokenizer_helpers import (
     CORPUS,
     hf_fast_tokenizer,
-    train_byte_level_bpe,
-    train_sentencepiece,
     write_bpe_folder,
     write_sentencepiece_folder,
 )
@@ -29,16 +27,6 @@ PARITY_TEXTS = [
     "for i in range(10):\n\tprint(f'{i:03d}')  # comment <|endoftext|>",
     "",
 ]
-
-
-@pytest.fixture(scope="module")
-def bpe():
-    return train_byte_level_bpe()
-
-
-@pytest.fixture(scope="module")
-def sp_model():
-    return train_sentencepiece()
 
 
 def test_encode_and_decode_equal_transformers_on_varied_corpus(bpe, tmp_path):
