@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from minidpo.demo import QUICK, SHIPPED, format_table, prepare_data, run_demo, stratified
 
 
@@ -29,9 +31,14 @@ def test_prepare_data_slices_the_shipped_sets(tmp_path):
         assert sorted(labels) == [0] * (QUICK.eval_per_split // 2) + [1] * (QUICK.eval_per_split // 2)
 
 
-def test_quick_demo_runs_end_to_end(smollm2_dir, tmp_path):
-    out = tmp_path / "demo"
-    summary = run_demo(out, quick=True, model_dir=smollm2_dir, device="cpu", log=lambda message: None)
+@pytest.fixture(scope="module")
+def quick_demo(smollm2_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo") / "demo"
+    return out, run_demo(out, quick=True, model_dir=smollm2_dir, device="cpu", log=lambda message: None)
+
+
+def test_quick_demo_runs_end_to_end(quick_demo):
+    out, summary = quick_demo
     assert [(r["split"], r["model"]) for r in summary["rows"]] == [
         ("unseen phrasings", "base"), ("unseen phrasings", "sft"), ("unseen phrasings", "dpo"),
         ("unseen compounds", "base"), ("unseen compounds", "sft"), ("unseen compounds", "dpo"),
@@ -44,3 +51,14 @@ def test_quick_demo_runs_end_to_end(smollm2_dir, tmp_path):
     assert (out / "dpo" / "adapter" / "adapter_model.safetensors").is_file()
     assert (out / "demo.png").is_file()
     assert json.loads((out / "demo.json").read_text())["rows"] == summary["rows"]
+
+
+def test_quick_demo_rerun_reuses_every_stage(quick_demo, smollm2_dir):
+    out, first = quick_demo
+    merged = (out / "sft_model" / "model.safetensors").stat().st_mtime_ns
+    messages: list[str] = []
+    again = run_demo(out, quick=True, model_dir=smollm2_dir, device="cpu", log=messages.append)
+    assert again["rows"] == first["rows"]
+    assert (out / "sft_model" / "model.safetensors").stat().st_mtime_ns == merged
+    generated = [m for m in messages if m.startswith("answers:")]
+    assert generated and all(" 0 generated" in m for m in generated)
