@@ -10,6 +10,15 @@ kernel kernels.linear_token_logprobs with lm_head's weight, so neither the promp
 padding nor the (tokens, vocab) logits ever cost memory. Sums are float32 whatever the
 model dtype. The head runs outside autocast: the kernel takes hidden and weight in the
 weight's own dtype.
+
+A LoRA adapter on lm_head (lora.LoRALinear, active) adds s B A dropout(h) to the logits.
+The kernel takes it as one wider product, so the adapter is trained and the log-probs are
+the adapted head's:
+
+    W h + s B A dropout(h) = [W, B] [h ; s A dropout(h)]      [W, B]: (V, D + r)
+
+A float64 model (a reference precision for exactness tests) is outside the kernel's dtypes:
+it takes the plain log_softmax of the (M, V) logits and returns float64 sums.
 """
 
 from __future__ import annotations
@@ -18,18 +27,31 @@ import torch
 
 from minidpo.data import IGNORE_INDEX
 from minidpo.kernels import linear_token_logprobs
+from minidpo.lora import LoRALinear
+
+
+def head_operands(head: torch.nn.Module, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(hidden (M, D'), weight (V, D')) whose product is `head`'s logits, an active adapter included."""
+    weight = head.weight  # (V, D)
+    h = h.to(weight.dtype)  # (M, D)
+    if not isinstance(head, LoRALinear) or head.disabled or head.merged:
+        return h, weight
+    low_rank = head.scale * head.lora_A(head.dropout(h.to(head.lora_A.weight.dtype)))  # (M, r)
+    return torch.cat([h, low_rank.to(h.dtype)], 1), torch.cat([weight, head.lora_B.weight.to(weight.dtype)], 1)
 
 
 def sequence_logprobs(model, input_ids: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(summed response log-probs (N,) float32, response token counts (N,) int64)."""
+    """(summed response log-probs (N,) float32 (float64 for a float64 model), response token counts (N,) int64)."""
     N = input_ids.shape[0]
     hidden = model(input_ids)  # (N, T, D)
     targets = labels[:, 1:]  # (N, T-1): position t predicts token t+1
     mask = targets != IGNORE_INDEX  # (N, T-1)
     rows = torch.arange(N, device=input_ids.device)[:, None].expand_as(targets)[mask]  # (M,)
-    weight = model.lm_head.weight  # (V, D)
     with torch.autocast(input_ids.device.type, enabled=False):
-        h = hidden[:, :-1][mask].to(weight.dtype)  # (M, D)
-        token_logps = linear_token_logprobs(h, weight, targets[mask])  # (M,) float32
-    logps = torch.zeros(N, dtype=torch.float32, device=input_ids.device).index_add(0, rows, token_logps)  # (N,)
+        h, weight = head_operands(model.lm_head, hidden[:, :-1][mask])  # (M, D'), (V, D')
+        if weight.dtype == torch.float64:
+            token_logps = torch.log_softmax(h @ weight.T, -1).gather(1, targets[mask][:, None])[:, 0]  # (M,)
+        else:
+            token_logps = linear_token_logprobs(h, weight, targets[mask])  # (M,) float32
+    logps = torch.zeros(N, dtype=token_logps.dtype, device=input_ids.device).index_add(0, rows, token_logps)  # (N,)
     return logps, mask.sum(dim=1)

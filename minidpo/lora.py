@@ -5,7 +5,7 @@ LoRA (Hu et al. 2021, arXiv 2106.09685) trains a rank-r update of a frozen weigh
     y = W0 x + b + s * B A dropout(x),    A: (r, in), B: (out, r),   s = alpha / r
 
 A starts Kaiming-uniform (a = sqrt 5, as nn.Linear and PEFT), B starts at zero, so the
-adapted model equals the base model before the first step. rsLoRA (Kalajievska 2023,
+adapted model equals the base model before the first step. rsLoRA (Kalajdzievski 2023,
 arXiv 2312.03732) uses s = alpha / sqrt(r), which keeps the update's scale stable in r.
 
 `LoRALinear` keeps the base layer's `weight` and `bias` as its own parameters, so the
@@ -81,7 +81,8 @@ class LoRALinear(nn.Module):
             self.bias.requires_grad_(False)
         self.r, self.alpha, self.use_rslora = config.r, config.alpha, config.use_rslora
         self.scale = config.scale
-        kwargs = {"device": base.weight.device, "dtype": torch.float32}  # fp32 master weights
+        # float32 master weights (float64 on a float64 base)
+        kwargs = {"device": base.weight.device, "dtype": torch.promote_types(base.weight.dtype, torch.float32)}
         self.lora_A = nn.Linear(self.in_features, config.r, bias=False, **kwargs)
         self.lora_B = nn.Linear(config.r, self.out_features, bias=False, **kwargs)
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))

@@ -183,3 +183,70 @@ def test_peft_adapter_loads_here_with_equal_logits(tmp_path):
     peft_model.save_pretrained(str(tmp_path / "peft"))
     load_adapter(ours, tmp_path / "peft")
     torch.testing.assert_close(logits(ours, IDS), theirs, rtol=1e-5, atol=1e-5)
+
+
+# ---- LoRA on the output layer (the fused log-prob path must see it)
+
+
+def lm_head_lora_model(dtype=torch.float64):
+    model = tiny_model().to(dtype)
+    apply_lora(model, LoRAConfig(r=4, alpha=8, dropout=0.0, target_modules="lm_head,q_proj"))
+    randomize_lora_b(model)
+    return model.to(dtype)
+
+
+# float32 runs the fused kernel; float64 the plain path, exactly
+TOLERANCES = {torch.float32: dict(rtol=1e-4, atol=1e-5), torch.float64: dict(rtol=1e-9, atol=1e-9)}
+
+
+@pytest.mark.parametrize("dtype", TOLERANCES)
+def test_fused_logprobs_honour_an_adapted_lm_head(dtype):
+    from minidpo.logprobs import sequence_logprobs
+
+    model = lm_head_lora_model(dtype)
+    labels = IDS.clone()
+    labels[:, :3] = -100  # a prompt of 3 tokens
+    fused, _ = sequence_logprobs(model, IDS, labels)
+    logp = torch.log_softmax(model.lm_head(model(IDS)), -1)[:, :-1]  # (B, T-1, V)
+    targets = labels[:, 1:]
+    token = logp.gather(-1, targets.clamp(min=0)[..., None])[..., 0] * (targets != -100)  # (B, T-1)
+    torch.testing.assert_close(fused.to(dtype), token.sum(1), **TOLERANCES[dtype])
+    with adapters_disabled(model):
+        assert not torch.allclose(sequence_logprobs(model, IDS, labels)[0], fused)
+
+
+@pytest.mark.parametrize("dtype", TOLERANCES)
+def test_lm_head_adapter_gradients_equal_autograd_through_the_full_logits(dtype):
+    from minidpo.logprobs import sequence_logprobs
+
+    def grads(loss_of):
+        model = lm_head_lora_model(dtype)
+        loss_of(model).backward()
+        head = model.lm_head
+        return head.lora_A.weight.grad, head.lora_B.weight.grad
+
+    labels = IDS.clone()
+    labels[:, :2] = -100
+    mask = labels[:, 1:] != -100
+
+    def reference(model):
+        logp = torch.log_softmax(model.lm_head(model(IDS)), -1)[:, :-1]  # (B, T-1, V)
+        return -(logp.gather(-1, labels[:, 1:].clamp(min=0)[..., None])[..., 0] * mask).sum()
+
+    fused = grads(lambda model: -sequence_logprobs(model, IDS, labels)[0].sum())
+    expected = grads(reference)
+    assert fused[1].abs().sum() > 0
+    for ours, theirs in zip(fused, expected):
+        torch.testing.assert_close(ours, theirs, **TOLERANCES[dtype])
+
+
+def test_adapter_on_lm_head_loads_in_peft_with_equal_logits(tmp_path):
+    peft = pytest.importorskip("peft")
+    hf, ours = hf_and_ours()
+    apply_lora(ours, LoRAConfig(r=4, alpha=8, target_modules="lm_head,q_proj"))
+    randomize_lora_b(ours)
+    save_adapter(ours, tmp_path / "adapter")
+    peft_model = peft.PeftModel.from_pretrained(hf, str(tmp_path / "adapter")).eval()
+    with torch.no_grad():
+        theirs = peft_model(IDS).logits
+    torch.testing.assert_close(logits(ours, IDS), theirs, rtol=1e-5, atol=1e-5)
