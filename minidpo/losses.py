@@ -30,6 +30,13 @@ reference, as TRL's flag). `rpo_alpha` adds RPO's NLL term on the chosen respons
 (Pang et al. 2024, arXiv 2404.19733): alpha * (-sum log pi(y_w|x) / sum n_w), the
 token-mean negative log-likelihood over the batch.
 
+Means over more than one micro-batch: the pair mean and the token mean divide by the
+batch's own pairs and tokens unless `pair_count` / `chosen_token_count` (SFT:
+`token_count`) give those of the whole optimizer step. A trainer passes the step's, so
+the micro-batch losses add up to the step's loss, weighted by pairs and tokens, as one
+large batch would be (gradient accumulation over per-batch means would instead weight a
+short sequence's tokens more; transformers fixed this in 4.46).
+
 Metrics follow TRL's names and meanings, detached: rewards are beta * h (for SimPO beta
 times the length-normalized log-prob, as TRL's CPO trainer reports), accuracy is the
 share of pairs with reward_w > reward_l, margins the mean of reward_w - reward_l, logps the
@@ -68,11 +75,14 @@ def dpo_loss(
     rejected_lengths: torch.Tensor | None = None,
     simpo_gamma: float = 0.5,
     rpo_alpha: float | None = None,
+    pair_count: int | None = None,
+    chosen_token_count: int | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor | int]]:
     """The mean preference loss over B pairs and its detached metrics.
 
     All log-prob arguments are (B,) summed log-probs; `chosen_lengths`/`rejected_lengths`
-    are (B,) response token counts, needed by ipo, simpo and rpo_alpha.
+    are (B,) response token counts, needed by ipo, simpo and rpo_alpha. `pair_count` and
+    `chosen_token_count` replace the denominators B and sum(chosen_lengths) (see above).
     """
     check_loss_options(loss_type, beta, label_smoothing)
     needs_lengths = loss_type in LENGTH_NORMALIZED or rpo_alpha is not None
@@ -104,11 +114,11 @@ def dpo_loss(
     else:  # simpo
         z = beta * d - simpo_gamma
         losses = -(1 - eps) * F.logsigmoid(z) - eps * F.logsigmoid(-z)
-    loss = losses.mean()
+    loss = losses.sum() / (losses.shape[0] if pair_count is None else pair_count)
 
     if rpo_alpha is not None:
-        nll = -policy_chosen_logps.sum() / chosen_lengths.sum().clamp(min=1)
-        loss = loss + rpo_alpha * nll
+        tokens = chosen_lengths.sum().clamp(min=1) if chosen_token_count is None else chosen_token_count
+        loss = loss + rpo_alpha * (-policy_chosen_logps.sum() / tokens)
 
     with torch.no_grad():
         chosen_rewards = beta * chosen_scores.detach().float()  # (B,)
@@ -139,13 +149,16 @@ def check_loss_options(loss_type: str, beta: float, label_smoothing: float) -> N
         raise MiniDPOError(f"--label-smoothing has no meaning for the {loss_type} loss; leave it at 0")
 
 
-def sft_loss(logps: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor | int]]:
+def sft_loss(
+    logps: torch.Tensor, lengths: torch.Tensor, *, token_count: int | None = None
+) -> tuple[torch.Tensor, dict[str, torch.Tensor | int]]:
     """Supervised fine-tuning: the token-mean negative log-likelihood of the responses.
 
         L = -sum_i log pi(y_i|x_i) / sum_i n_i
 
-    `logps` (B,) are summed response log-probs, `lengths` (B,) their token counts; the
-    only metric is the token count the loss was computed over.
+    `logps` (B,) are summed response log-probs, `lengths` (B,) their token counts;
+    `token_count` replaces sum_i n_i by the optimizer step's (see above). The only metric
+    is the batch's token count.
     """
-    tokens = lengths.sum()
-    return -logps.sum() / tokens.clamp(min=1), {"count": int(tokens.item())}
+    tokens = int(lengths.sum().item())
+    return -logps.sum() / max(1, tokens if token_count is None else token_count), {"count": tokens}

@@ -4,10 +4,12 @@
     result = train_dpo(TrainConfig(model="smollm2", data="train.jsonl", out="runs/dpo"))
 
 One optimizer step:
+    counts <- the step's pairs and chosen-response tokens, over all its micro-batches
     for each of `grad_accum` micro-batches of `batch_size` pairs (one (2B, T) forward):
         ref logps   <- precomputed cache | same weights, adapters off | --ref-model   (no grad)
-        loss        <- losses.dpo_loss(policy logps, ref logps)  (SFT: token-mean NLL on chosen)
-        (loss / micro-batches).backward()
+        loss        <- losses.dpo_loss(policy logps, ref logps)  (SFT: NLL on chosen)
+                       as a share of the step's mean: divided by the step's counts
+        loss.backward()
     clip the gradient norm to max_grad_norm; AdamW on the trainable parameters only;
     lr from linear warm-up then cosine (or linear, or constant) decay to 0, with
     transformers' formula (the first step uses lr 0 when warming up, as the reference code).
@@ -16,9 +18,15 @@ Defaults are the LibraChem reference's (PAPER.md): LoRA r=8, alpha=16, dropout 0
 q/k/v; beta 0.1; lr 5e-4, cosine, 10 warm-up steps; batch 1 x accumulation 4;
 max_prompt_length 512, max_length 1024.
 
+The micro-batch losses so add up to the step's loss, the mean over its pairs (DPO) or its
+tokens (SFT, RPO's NLL term), whatever the split into micro-batches: batch 1 x accumulation
+4 computes the step of batch 4 x accumulation 1. The logged loss is that sum, the loss
+optimized; evaluation weights its batches the same way.
+
 Precision: on CUDA the frozen base is bf16 and the forward runs under bf16 autocast while
 LoRA weights (and, in full fine-tuning, all weights) stay float32 masters; on a CPU all is
-float32. Log-probs are float32 sums either way (minidpo.logprobs).
+float32. Log-probs are float32 sums either way (minidpo.logprobs). `dtype="float64"` runs
+everything in float64 (no autocast), a reference precision for exactness checks.
 
 Everything a run writes lives in OUT:
     metrics.jsonl              one record per step (split "train") and per evaluation
@@ -57,7 +65,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from minidpo.checkpoint import load_model, save_model
-from minidpo.data import Batch, Dataset, Example, batch_order, collate, load_dataset
+from minidpo.data import IGNORE_INDEX, Batch, Dataset, batch_order, collate, load_dataset
 from minidpo.errors import MiniDPOError
 from minidpo.io import JsonlAppender, atomic_dir, atomic_write, atomic_write_json, load_jsonl_tolerant
 from minidpo.logprobs import sequence_logprobs
@@ -113,6 +121,7 @@ class TrainConfig:
     seed: int = 42
     # running
     device: str | None = None  # None: cuda when available, else cpu
+    dtype: str | None = None  # the base weights: None (bfloat16 on CUDA for LoRA, else float32), or a name
     gradient_checkpointing: bool = False
     eval_every: int = 0  # steps; 0: only at the end
     eval_batch_size: int = 4
@@ -151,22 +160,40 @@ def lr_factor(step: int, total: int, warmup: int, kind: str) -> float:
     return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
 
 
+DTYPES = ("float32", "bfloat16", "float64")
+
+
+@dataclass
+class Counts:
+    """The denominators of a loss that spans several micro-batches (an optimizer step, an eval)."""
+
+    pairs: int  # examples: DPO pairs, SFT sequences
+    chosen_tokens: int  # tokens of the chosen responses (SFT: of the responses)
+
+
+def count_batches(batches: list[Batch], pairs: bool) -> Counts:
+    chosen = [b.labels[: len(b.keys), 1:] if pairs else b.labels[:, 1:] for b in batches]  # (B, T-1) each
+    return Counts(sum(len(b.keys) for b in batches), sum(int((c != IGNORE_INDEX).sum()) for c in chosen))
+
+
 class MetricSums:
-    """Count-weighted sums of per-batch means, so the mean over steps or eval batches is exact."""
+    """The summed loss shares of a step (or eval) and count-weighted sums of the per-batch metrics."""
 
     def __init__(self):
+        self.loss = 0.0
         self.sums: dict[str, float] = {}
         self.count = 0
 
     def add(self, loss: torch.Tensor, metrics: dict) -> None:
+        self.loss += float(loss)
         n = metrics["count"]
-        for name, value in {"loss": loss, **metrics}.items():
+        for name, value in metrics.items():
             if name != "count":
                 self.sums[name] = self.sums.get(name, 0.0) + float(value) * n
         self.count += n
 
     def means(self) -> dict:
-        return {**{k: v / max(1, self.count) for k, v in self.sums.items()}, "count": self.count}
+        return {"loss": self.loss, **{k: v / max(1, self.count) for k, v in self.sums.items()}, "count": self.count}
 
 
 @contextlib.contextmanager
@@ -210,10 +237,11 @@ class Trainer:
         self.out = Path(c.out)
         self.device = torch.device(c.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         on_cuda = self.device.type == "cuda"
+        base_dtype = getattr(torch, c.dtype) if c.dtype else torch.bfloat16 if on_cuda and not c.full_finetune else torch.float32
         self.autocast = (
-            (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if on_cuda else contextlib.nullcontext
+            (lambda: torch.autocast("cuda", dtype=torch.bfloat16))
+            if on_cuda and base_dtype != torch.float64 else contextlib.nullcontext
         )
-        base_dtype = torch.bfloat16 if on_cuda and not c.full_finetune else torch.float32
 
         self.tokenizer = load_tokenizer(c.model, chat_format=c.chat_format)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
@@ -256,6 +284,8 @@ class Trainer:
         c = self.config
         if self.pairs:
             check_loss_options(c.loss, c.beta, c.label_smoothing)
+        if c.dtype is not None and c.dtype not in DTYPES:
+            raise MiniDPOError(f"--dtype {c.dtype!r} is unknown; choose one of {', '.join(DTYPES)}")
         if c.scheduler not in SCHEDULERS:
             raise MiniDPOError(f"--scheduler {c.scheduler!r} is unknown; choose one of {', '.join(SCHEDULERS)}")
         for name in ("batch_size", "grad_accum", "epochs", "eval_batch_size", "save_every", "keep_checkpoints"):
@@ -333,25 +363,32 @@ class Trainer:
             cached = self.ref_logps[split]
             chosen = [cached[k][0] for k in batch.keys]
             rejected = [cached[k][1] for k in batch.keys]
-            return torch.tensor(chosen + rejected, dtype=torch.float32, device=self.device)  # (2B,)
+            return torch.tensor(chosen + rejected, dtype=torch.float64, device=self.device)  # (2B,)
         if self.reference is None:
             return None
         return self.reference.logps(batch.input_ids, batch.labels)  # (2B,)
 
-    def batch_loss(self, examples: list[Example], split: str) -> tuple[torch.Tensor, dict]:
+    def collate(self, indices: list[int], data: Dataset | None = None) -> Batch:
+        examples = (data or self.train_data).examples
+        return collate([examples[i] for i in indices], self.pad_id, pairs=self.pairs).to(self.device)
+
+    def batch_loss(self, batch: Batch, split: str, counts: Counts) -> tuple[torch.Tensor, dict]:
+        """The batch's share of a loss whose mean spans `counts` (a step's or an eval's), and its metrics."""
         c = self.config
-        batch = collate(examples, self.pad_id, pairs=self.pairs).to(self.device)
         with self.autocast():
             if not self.pairs:
-                logps, counts = sequence_logprobs(self.model, batch.input_ids, batch.labels)  # (B,) each
-                return sft_loss(logps, counts)
+                logps, lengths = sequence_logprobs(self.model, batch.input_ids, batch.labels)  # (B,) each
+                return sft_loss(logps, lengths, token_count=counts.chosen_tokens)
             ref = self._reference_logps(batch, split)  # (2B,) or None; first, so its activations go
-            logps, counts = sequence_logprobs(self.model, batch.input_ids, batch.labels)  # (2B,) each
-        B = len(examples)
+            logps, lengths = sequence_logprobs(self.model, batch.input_ids, batch.labels)  # (2B,) each
+        B = len(batch.keys)
+        if ref is not None:
+            ref = ref.to(logps.dtype)  # (2B,)
         return dpo_loss(
             logps[:B], logps[B:], None if ref is None else ref[:B], None if ref is None else ref[B:],
             loss_type=c.loss, beta=c.beta, label_smoothing=c.label_smoothing, reference_free=c.reference_free,
-            chosen_lengths=counts[:B], rejected_lengths=counts[B:], simpo_gamma=c.simpo_gamma, rpo_alpha=c.rpo_alpha,
+            chosen_lengths=lengths[:B], rejected_lengths=lengths[B:], simpo_gamma=c.simpo_gamma,
+            rpo_alpha=c.rpo_alpha, pair_count=counts.pairs, chosen_token_count=counts.chosen_tokens,
         )
 
     # ---- the loop
@@ -405,16 +442,27 @@ class Trainer:
         last = {split: next((r for r in reversed(records) if r.get("split") == split), None) for split in ("train", "eval")}
         return TrainResult(self.out, self.step, last["train"], last["eval"], output)
 
-    def _optimizer_step(self, group: list[list[int]], interrupted: threading.Event) -> dict:
-        c = self.config
+    def accumulate(self, group: list[list[int]], interrupted: threading.Event | None = None) -> dict:
+        """Forward and backward over one step's micro-batches (lists of example indices).
+
+        The gradients add up to those of the step's mean loss (see the module docstring);
+        returns the step's loss and metrics with their count.
+        """
+        batches = [self.collate(micro) for micro in group]
+        counts = count_batches(batches, self.pairs)
         sums = MetricSums()
-        for micro in group:
-            loss, metrics = self.batch_loss([self.train_data.examples[i] for i in micro], "train")
-            (loss / len(group)).backward()
+        for batch in batches:
+            loss, metrics = self.batch_loss(batch, "train", counts)
+            loss.backward()
             sums.add(loss.detach(), metrics)
-            if interrupted.is_set():
+            if interrupted is not None and interrupted.is_set():
                 self.optimizer.zero_grad(set_to_none=True)
                 raise _Interrupted
+        return sums.means()
+
+    def _optimizer_step(self, group: list[list[int]], interrupted: threading.Event) -> dict:
+        c = self.config
+        means = self.accumulate(group, interrupted)
         params = list(self.trainable.values())
         grad_norm = torch.nn.utils.clip_grad_norm_(params, c.max_grad_norm if c.max_grad_norm > 0 else math.inf)
         lr = c.lr * lr_factor(self.step, self.total_steps, c.warmup_steps, c.scheduler)
@@ -426,17 +474,20 @@ class Trainer:
         self.batch_index += len(group)
         epoch = self.epoch + self.batch_index / len(self._epoch_batches())
         return {"step": self.step, "split": "train", "epoch": round(epoch, 6), "lr": lr,
-                "grad_norm": float(grad_norm), **sums.means()}
+                "grad_norm": float(grad_norm), **means}
 
     @torch.no_grad()
     def evaluate(self) -> dict:
         """Loss and metrics over the whole eval set, in eval mode (no dropout)."""
         sums = MetricSums()
-        examples = self.eval_data.examples
+        size = self.config.eval_batch_size
+        batches = [self.collate(list(range(start, min(start + size, len(self.eval_data.examples)))), self.eval_data)
+                   for start in range(0, len(self.eval_data.examples), size)]
+        counts = count_batches(batches, self.pairs)
         self.model.eval()
         try:
-            for start in range(0, len(examples), self.config.eval_batch_size):
-                sums.add(*self.batch_loss(examples[start : start + self.config.eval_batch_size], "eval"))
+            for batch in batches:
+                sums.add(*self.batch_loss(batch, "eval", counts))
         finally:
             self.model.train()
         return {"step": self.step, "split": "eval", **sums.means()}

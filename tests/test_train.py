@@ -58,6 +58,40 @@ def quiet(message):
     pass
 
 
+@pytest.fixture(scope="module")
+def uneven_data(tmp_path_factory):
+    """Six pairs whose responses differ a lot in length, so token and pair weights differ."""
+    rows = [{"prompt": f"Question {i}?", "chosen": "yes " * (1 + 5 * (i % 3)), "rejected": "no " * (1 + 3 * (i % 2))}
+            for i in range(6)]
+    path = tmp_path_factory.mktemp("uneven") / "uneven.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def step_gradients(trainer, group):
+    trainer.optimizer.zero_grad(set_to_none=True)
+    record = trainer.accumulate(group)
+    return record, {name: p.grad.clone() for name, p in trainer.trainable.items()}
+
+
+@pytest.mark.parametrize("mode,options", [("sft", {}), ("dpo", {}), ("dpo", {"rpo_alpha": 0.7})])
+def test_accumulation_weights_tokens_and_pairs_as_one_batch_would(model_dir, uneven_data, tmp_path, mode, options):
+    cfg = config(model_dir, uneven_data, tmp_path / "run", dtype="float64", lora_dropout=0.0,
+                 lora_targets="all-linear", **options)
+    trainer = Trainer(cfg, mode, log=quiet)
+    with torch.no_grad():  # B = 0 would make every gradient but B's zero
+        for name, p in trainer.trainable.items():
+            if "lora_B" in name:
+                p.normal_(0, 0.05, generator=torch.Generator().manual_seed(len(name)))
+    # batch 4 x accumulation 1 vs 1 x 4; a last group whose micro-batches are short (batch 2: [3, 4], [5])
+    for whole, split in (([[0, 1, 2, 3]], [[0], [1], [2], [3]]), ([[3, 4, 5]], [[3, 4], [5]])):
+        (one_batch, expected), (accumulated, grads) = step_gradients(trainer, whole), step_gradients(trainer, split)
+        assert accumulated["loss"] == pytest.approx(one_batch["loss"], rel=1e-10, abs=0)
+        assert accumulated["count"] == one_batch["count"]
+        for name in expected:
+            torch.testing.assert_close(grads[name], expected[name], rtol=1e-10, atol=1e-12)
+
+
 def test_lr_schedule_warms_up_linearly_then_decays_by_cosine_to_zero():
     assert [lr_factor(s, 10, 2, "cosine") for s in (0, 1, 2)] == [0.0, 0.5, 1.0]
     assert lr_factor(6, 10, 2, "cosine") == pytest.approx(0.5)

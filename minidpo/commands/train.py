@@ -9,7 +9,7 @@ HELP = "align a model with DPO (LoRA by default) on prompt/chosen/rejected JSONL
 
 def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     """The options `minidpo train` and `minidpo sft` share (defaults: TrainConfig's, the paper's)."""
-    from minidpo.train import SCHEDULERS, TrainConfig
+    from minidpo.train import DTYPES, SCHEDULERS, TrainConfig
 
     d = TrainConfig(model="", data="", out="")
     parser.add_argument("--model", required=True, metavar="DIR", help="HF-format model folder")
@@ -44,6 +44,7 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int, default=d.seed, help=f"(default {d.seed})")
     g = parser.add_argument_group("running")
     g.add_argument("--device", help="cuda, cpu, cuda:1 ... (default: cuda when available)")
+    g.add_argument("--dtype", choices=DTYPES, help="the base weights (default: bfloat16 on CUDA with LoRA, else float32)")
     g.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in the backward (less memory)")
     g.add_argument("--eval-every", type=int, default=d.eval_every, help="steps between evaluations (default: only at the end)")
     g.add_argument("--eval-batch-size", type=int, default=d.eval_batch_size, help=f"(default {d.eval_batch_size})")
