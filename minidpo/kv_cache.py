@@ -54,3 +54,28 @@ class KVCache:
         """Keep only the batch rows `rows` (a 1-D index tensor): drop finished sequences."""
         self.k = [k.index_select(0, rows) for k in self.k]
         self.v = [v.index_select(0, rows) for v in self.v]
+
+    def realign(self, shift: int, max_len: int) -> None:
+        """Move every row's columns `shift` to the right (zeros come in on the left; a
+        negative shift drops the first -shift columns) into buffers max_len wide (dynamic
+        only: the sampler's continuous batching makes room for, or drops, columns this way)."""
+        length = self.length + shift
+        if not 0 <= length <= max_len:
+            raise ValueError(f"cannot realign a cache of {self.length} columns by {shift} into {max_len}")
+        src, dst = slice(max(0, -shift), self.length), slice(max(0, shift), length)
+
+        def moved(buffer: torch.Tensor) -> torch.Tensor:
+            B, H, _, D = buffer.shape
+            out = buffer.new_zeros(B, H, max_len, D)  # (B, n_kv, max_len, hd)
+            out[:, :, dst] = buffer[:, :, src]
+            return out
+
+        self.k, self.v = [moved(k) for k in self.k], [moved(v) for v in self.v]
+        self.max_len, self.length = max_len, length
+
+    def extend_rows(self, other: KVCache) -> None:
+        """Append other's rows after ours (same length and max_len; dynamic only)."""
+        if (other.length, other.max_len) != (self.length, self.max_len):
+            raise ValueError("extend_rows needs two dynamic caches of the same length and max_len")
+        self.k = [torch.cat([a, b]) for a, b in zip(self.k, other.k)]
+        self.v = [torch.cat([a, b]) for a, b in zip(self.v, other.v)]

@@ -1,4 +1,4 @@
-"""Batched text generation with a static KV cache: one prefill, then one token a step.
+"""Batched text generation with a KV cache: prefill, then one token a step, rows joining and leaving.
 
 A batch of prompts of different lengths is left-padded, so that every row's next token
 lands in the same cache column (gpt-fast's static cache, made batch-aware):
@@ -8,17 +8,27 @@ lands in the same cache column (gpt-fast's static cache, made batch-aware):
     row 1      c    d    e    f  |  y0   y1              mask 1 1 1 1   |  1 1
 
 The prefill runs the padded prompts through the model once and fills a KVCache of
-(B, n_kv, prompt_len + max_new_tokens - 1, head_dim) per layer; each decode step feeds the
-B newest tokens (B, 1) at per-row positions (row 0 above continues at position 2, not 4).
-Only the last position's hidden state goes through lm_head. A row that finishes is
-dropped from the batch (KVCache.select_rows) so it stops costing compute; without padding
-the attention mask is left out altogether.
+(B, n_kv, columns, head_dim) per layer; each decode step feeds the B newest tokens (B, 1)
+at per-row positions (row 0 above continues at position 2, not 4). Only the last
+position's hidden state goes through lm_head. Without padding the attention mask is left
+out altogether.
+
+A DecodeBatch is that state between two steps, open to change (continuous batching, as
+Orca, Yu et al. OSDI 2022, and vLLM serve): newcomers are prefilled together and join
+right-aligned, their prompts ending in the batch's current column (when a newcomer's
+prompt is longer, every running row moves right to make room); a row that finishes or is
+cancelled leaves at once, and columns that only padding still uses are dropped. Rows
+never see each other: each has its own mask, positions, sampling settings and generator,
+so a row's tokens do not depend on what else is in the batch.
 
 Choosing the next token from the logits z (float32) of a row, in transformers' order:
 
+    logit masks: tokens a guided-decoding constraint forbids, and stop tokens before
+        min_tokens, get z = -inf
     repetition penalty r (CTRL, Keskar et al. 2019, arXiv 1909.05858): for every token t
         already in the prompt or the completion, z_t <- z_t / r if z_t > 0 else z_t * r
-    temperature 0: argmax z (greedy, deterministic); otherwise z <- z / temperature, then
+    temperature 0 (or below 1e-5, as vLLM): argmax z (greedy, deterministic); otherwise
+        z <- z / temperature, then
     top-k:  keep the k largest z
     top-p (nucleus, Holtzman et al. 2019, arXiv 1904.09751): keep the most likely tokens
         until their probability mass reaches p (the token that crosses p is kept)
@@ -26,20 +36,38 @@ Choosing the next token from the logits z (float32) of a row, in transformers' o
     draw from softmax(z) with the row's own torch.Generator, seeded per row, so a seed
     reproduces a row's samples whatever else is in the batch.
 
-A row stops at a stop token (the tokenizer's eos and end-of-turn ids, plus any given),
-at a stop string found in its decoded text (the text is cut just before it), or after
-max_new_tokens ("length"). Streaming hands out text as it is decoded, holding back a tail
-that could still become a stop string, so streamed pieces always add up to the final text.
+A row whose distribution is not a distribution (NaN or infinite logits, nothing allowed)
+ends alone with finish_reason "error"; the other rows go on. Log-probs, when asked for,
+are log_softmax of the model's own float32 logits (before penalties, temperature, filters
+and masks: vLLM's "raw" log-probs).
+
+A row stops at a stop token (the tokenizer's eos and end-of-turn ids unless ignore_eos,
+plus any given), at a stop string found in its decoded text (the text is cut just before
+it), or after max_new_tokens ("length"). Streaming hands out text as it is decoded,
+holding back a tail that could still become a stop string, so streamed pieces always add
+up to the final text.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
+import math
+from collections.abc import Callable, Hashable, Sequence
+from typing import Protocol
 
 import torch
 
 from minidpo.kv_cache import KVCache
+
+GREEDY_BELOW = 1e-5  # temperatures below this sample greedily (vLLM's _SAMPLING_EPS)
+
+
+class TokenConstraint(Protocol):
+    """Guided decoding: which tokens may come next, given the row's text so far."""
+
+    def allowed(self, text: str) -> torch.Tensor:
+        """(V,) bool on the CPU: True where the token keeps the output valid."""
+        ...
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,20 +82,36 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     stop: tuple[str | int, ...] = ()  # stop strings and stop token ids
     seed: int | None = None  # None: drawn from torch's global generator
+    min_tokens: int = 0  # stop tokens are masked out until this many tokens are generated
+    ignore_eos: bool = False  # the tokenizer's eos / end-of-turn ids do not end the row
+    logprobs: int | None = None  # None: off; k: each token's log-prob and the k most likely
+    constraint: TokenConstraint | None = None  # guided decoding
 
     def __post_init__(self):
         checks = (
             (self.max_new_tokens >= 1, "max_new_tokens must be >= 1"),
-            (self.temperature >= 0, "temperature must be >= 0"),
+            (0 <= self.temperature < math.inf, "temperature must be finite and >= 0"),
             (self.top_k >= 0, "top_k must be >= 0 (0 = off)"),
             (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
             (0 <= self.min_p <= 1, "min_p must be in [0, 1]"),
-            (self.repetition_penalty > 0, "repetition_penalty must be > 0"),
+            (0 < self.repetition_penalty < math.inf, "repetition_penalty must be finite and > 0"),
             (all(isinstance(s, (str, int)) and s != "" for s in self.stop), "stop: non-empty strings or token ids"),
+            (self.seed is None or -(2**63) <= self.seed < 2**64, "seed must be in [-2**63, 2**64)"),
+            (0 <= self.min_tokens <= self.max_new_tokens, "min_tokens must be in [0, max_new_tokens]"),
+            (self.logprobs is None or self.logprobs >= 0, "logprobs must be None or >= 0"),
         )
         for ok, message in checks:
             if not ok:
                 raise ValueError(f"{message}, got {self}")
+
+
+@dataclasses.dataclass
+class TokenLogprob:
+    """A generated token's log-prob and the `k` most likely tokens at its step (id, log-prob)."""
+
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]
 
 
 @dataclasses.dataclass
@@ -77,16 +121,18 @@ class Completion:
 
     text: str
     token_ids: list[int]
-    finish_reason: str  # "stop" | "length"
+    finish_reason: str  # "stop" | "length" | "cancelled" | "error"
     prompt_tokens: int
+    logprobs: list[TokenLogprob] | None = None  # one per token_ids entry when asked for
+    error: str | None = None  # why the row failed (finish_reason "error")
 
     @property
     def completion_tokens(self) -> int:
         return len(self.token_ids)
 
 
-StreamCallback = Callable[[int, str], None]  # (row, new text)
-FinishCallback = Callable[[int, Completion], None]  # (row, its completion)
+StreamCallback = Callable[[Hashable, str], None]  # (row key, new text)
+FinishCallback = Callable[[Hashable, Completion], None]  # (row key, its completion)
 
 
 def render_chat(tokenizer, messages: list[dict], chat_format=None) -> str:
@@ -147,68 +193,170 @@ def generate_rows(
     on_finish: FinishCallback | None = None,
     compile: bool = False,
 ) -> list[Completion]:
-    """`generate` with each row's own SamplingParams (the server batches requests this way)."""
+    """`generate` with each row's own SamplingParams: one DecodeBatch, run until every row ends."""
     if isinstance(prompts, str) or (len(prompts) and isinstance(prompts[0], int)):
         raise TypeError("prompts is a list of prompts (texts or token-id lists): wrap a single prompt in a list")
     if len(prompts) != len(params) or not prompts:
         raise ValueError(f"need one SamplingParams per prompt and at least one prompt ({len(prompts)}, {len(params)})")
     prompt_ids = [_prompt_ids(tokenizer, p, i) for i, p in enumerate(prompts)]
+    results: dict[int, Completion] = {}
+
+    def finished(row: Hashable, completion: Completion) -> None:
+        results[row] = completion
+        if on_finish is not None:
+            on_finish(row, completion)
+
     was_training = model.training
     model.eval()  # LoRA dropout off
     try:
-        return _generate_batch(model, tokenizer, prompt_ids, params, stream, on_finish, compile)
+        batch = DecodeBatch(model, tokenizer, stream=stream, on_finish=finished, compile=compile)
+        batch.add(prompt_ids, list(params), list(range(len(prompt_ids))))
+        while batch.rows:
+            batch.step()
     finally:
         model.train(was_training)
+    return [results[i] for i in range(len(prompt_ids))]
 
 
-def _generate_batch(model, tokenizer, prompt_ids, params, stream, on_finish, compile) -> list[Completion]:
-    """Prefill the left-padded batch once, then decode one token a step until every row ends."""
-    weight = model.lm_head.weight
-    device, dtype = weight.device, weight.dtype
-    B, P = len(prompt_ids), max(len(ids) for ids in prompt_ids)
-    max_len = P + max(p.max_new_tokens for p in params) - 1  # the last token is never fed back
+class DecodeBatch:
+    """The rows being decoded together, between two steps; rows join and leave at any step.
 
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    ids = torch.full((B, P), pad_id, dtype=torch.long)  # (B, P) left-padded prompts
-    mask = torch.ones(B, max_len, dtype=torch.long)  # (B, max_len) 1 = a real token
-    for i, row_ids in enumerate(prompt_ids):
-        ids[i, P - len(row_ids) :] = torch.tensor(row_ids)
-        mask[i, : P - len(row_ids)] = 0
-    ids, mask = ids.to(device), mask.to(device)
-    padded = any(len(row_ids) < P for row_ids in prompt_ids)
+    `add` prefills newcomers and joins them, `step` samples one token for every row and
+    feeds it, `cancel` ends rows early. Each row carries a caller's key, handed back to
+    `stream(key, text)` and `on_finish(key, completion)`. Call it under torch.inference_mode()
+    with the model in eval mode (generate_rows does both).
+    """
 
-    cache = KVCache(model.config, B, max_len, dtype=dtype, device=device)
-    hidden = model(ids, attention_mask=mask[:, :P] if padded else None, kv_cache=cache)  # (B, P, D)
-    positions = mask[:, :P].sum(-1, keepdim=True)  # (B, 1) the next position of each row
-    step = torch.compile(model, dynamic=True) if compile else model
+    def __init__(self, model, tokenizer, *, stream: StreamCallback | None = None,
+                 on_finish: FinishCallback | None = None, compile: bool = False):  # fmt: skip
+        self.model, self.tokenizer = model, tokenizer
+        self.stream, self.on_finish = stream, on_finish
+        self.step_model = torch.compile(model, dynamic=True) if compile else model
+        weight = model.lm_head.weight
+        self.device, self.dtype = weight.device, weight.dtype
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self.rows: list[_Row] = []
+        self.cache: KVCache | None = None
+        self.mask = torch.ones(0, 0, dtype=torch.long, device=self.device)  # (B, max_len) 1 = a real token
+        self.positions = torch.zeros(0, 1, dtype=torch.long, device=self.device)  # (B, 1) next position
+        self.hidden = torch.zeros(0, model.config.hidden_size, dtype=self.dtype, device=self.device)  # (B, D)
+        self.chooser = _TokenChooser(model.config.vocab_size, self.device)
 
-    rows = [_Row(i, tokenizer, len(p_ids), p) for i, (p_ids, p) in enumerate(zip(prompt_ids, params))]
-    chooser = _TokenChooser(params, prompt_ids, model.config.vocab_size, device)
-    active = list(rows)
-    while True:
-        logits = model.lm_head(hidden[:, -1]).float()  # (B, V) last position only
-        next_ids = chooser(logits)  # (B,)
-        for row, token_id in zip(active, next_ids.tolist()):
-            row.add(token_id)
+    def add(self, prompt_ids: list[list[int]], params: list[SamplingParams], keys: list[Hashable]) -> None:
+        """Prefill these prompts as one left-padded batch and join their rows to the batch."""
+        B, P = len(prompt_ids), max(len(ids) for ids in prompt_ids)
+        ids = torch.full((B, P), self.pad_id, dtype=torch.long)  # (B, P) left-padded prompts
+        mask = torch.ones(B, P, dtype=torch.long)  # (B, P)
+        for i, row_ids in enumerate(prompt_ids):
+            ids[i, P - len(row_ids) :] = torch.tensor(row_ids)
+            mask[i, : P - len(row_ids)] = 0
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        rows = [_Row(key, self.tokenizer, len(r), p) for key, r, p in zip(keys, prompt_ids, params)]
+        width = max(P, self.cache.length if self.cache else 0) + max(r.budget for r in self.rows + rows)
+        cache = KVCache(self.model.config, B, P if self.rows else width, dtype=self.dtype, device=self.device)
+        padded = bool((mask == 0).any())
+        hidden = self.model(ids, attention_mask=mask if padded else None, kv_cache=cache)  # (B, P, D)
+        positions = mask.sum(-1, keepdim=True)  # (B, 1)
+        if self.rows:
+            self._make_room(P, width)
+            cache.realign(self.cache.length - P, width)
+            mask = _realign_mask(mask, self.cache.length - P, width)
+            self.cache.extend_rows(cache)
+        else:
+            self.cache, mask = cache, _realign_mask(mask, 0, width)
+            self.mask = self.mask.new_zeros(0, width)
+        self.mask = torch.cat([self.mask, mask])  # (B, width)
+        self.positions = torch.cat([self.positions, positions])  # (B, 1)
+        self.hidden = torch.cat([self.hidden, hidden[:, -1]])  # (B, D)
+        self.chooser.extend(params, prompt_ids)
+        self.rows += rows
+
+    def step(self) -> None:
+        """Sample the next token of every row, retire the rows that end, feed the others."""
+        logits = self.model.lm_head(self.hidden).float()  # (B, V)
+        next_ids, failed = self.chooser(logits, self.rows)  # (B,), (B,) bool
+        logprobs = self._logprobs(logits, next_ids)
+        for j, (row, token_id, bad) in enumerate(zip(self.rows, next_ids.tolist(), failed.tolist())):
+            if bad:
+                row.fail("the next-token distribution is not finite (NaN/inf logits or no allowed token)")
+            else:
+                row.add(token_id, logprobs.get(j))
             piece = row.take_stream_text()
-            if piece and stream is not None:
-                stream(row.index, piece)
-            if row.finish_reason is not None and on_finish is not None:
-                on_finish(row.index, row.completion())
-        keep = [j for j, row in enumerate(active) if row.finish_reason is None]
-        if not keep:
-            break
-        if len(keep) < len(active):  # drop finished rows from every per-row tensor
-            kept = torch.tensor(keep, device=device)
-            active = [active[j] for j in keep]
-            cache.select_rows(kept)
-            chooser.select_rows(kept)
-            mask, positions, next_ids = mask[kept], positions[kept], next_ids[kept]
-            padded = padded and bool((mask[:, : cache.length] == 0).any())
-        attention_mask = mask[:, : cache.length + 1] if padded else None  # (B, S)
-        hidden = step(next_ids[:, None], attention_mask=attention_mask, position_ids=positions, kv_cache=cache)
-        positions = positions + 1
-    return [row.completion() for row in rows]
+            if piece and self.stream is not None:
+                self.stream(row.key, piece)
+        next_ids = self._retire(next_ids)
+        if not self.rows:
+            return
+        padded = bool((self.mask[:, : self.cache.length] == 0).any())
+        attention_mask = self.mask[:, : self.cache.length + 1] if padded else None  # (B, S)
+        hidden = self.step_model(next_ids[:, None], attention_mask=attention_mask, position_ids=self.positions,
+                                 kv_cache=self.cache)  # fmt: skip
+        self.hidden = hidden[:, -1]  # (B, D)
+        self.positions = self.positions + 1
+
+    def cancel(self, keys: set[Hashable]) -> None:
+        """End the rows with these keys now (finish_reason "cancelled")."""
+        for row in self.rows:
+            if row.key in keys and row.finish_reason is None:
+                row.finish_reason = "cancelled"
+        self._retire(None)
+
+    def _logprobs(self, logits: torch.Tensor, next_ids: torch.Tensor) -> dict[int, TokenLogprob]:
+        """{batch index: TokenLogprob} for the rows that asked, from log_softmax of the raw logits."""
+        wanted = [j for j, row in enumerate(self.rows) if row.params.logprobs is not None]
+        if not wanted:
+            return {}
+        logp = logits[wanted].log_softmax(-1)  # (b, V) float32
+        chosen = logp.gather(-1, next_ids[wanted][:, None].clamp(min=0))[:, 0]  # (b,)
+        k = min(max(self.rows[j].params.logprobs for j in wanted), logp.shape[-1])
+        top_lp, top_ids = logp.topk(k, dim=-1)  # (b, k)
+        out = {}
+        for n, j in enumerate(wanted):
+            kj = self.rows[j].params.logprobs
+            top = list(zip(top_ids[n, :kj].tolist(), top_lp[n, :kj].tolist()))
+            out[j] = TokenLogprob(int(next_ids[j]), float(chosen[n]), top)
+        return out
+
+    def _retire(self, next_ids: torch.Tensor | None) -> torch.Tensor | None:
+        """Drop the rows that ended (telling on_finish) and the columns only padding uses."""
+        keep = [j for j, row in enumerate(self.rows) if row.finish_reason is None]
+        for row in self.rows:
+            if row.finish_reason is not None and self.on_finish is not None:
+                self.on_finish(row.key, row.completion())
+        if len(keep) == len(self.rows):
+            return next_ids
+        kept = torch.tensor(keep, dtype=torch.long, device=self.device)
+        self.rows = [self.rows[j] for j in keep]
+        self.mask, self.positions, self.hidden = self.mask[kept], self.positions[kept], self.hidden[kept]
+        self.chooser.select_rows(kept)
+        self.cache.select_rows(kept)
+        if self.rows:
+            used = self.mask[:, : self.cache.length].any(0)  # (S,) columns some row still reads
+            first = int(used.long().argmax())  # every row has a prompt token, so `used` has a True
+            if first:
+                # + 1: inside a step the newest tokens are sampled but not fed yet
+                width = self.cache.length - first + max(r.budget for r in self.rows) + 1
+                self.cache.realign(-first, width)
+                self.mask = _realign_mask(self.mask[:, : first + self.cache.length], -first, width)
+        return None if next_ids is None else next_ids[kept]
+
+    def _make_room(self, prompt_len: int, width: int) -> None:
+        """Move the running rows right so that a prompt of prompt_len columns fits before the
+        current column, in buffers `width` columns wide."""
+        shift = max(0, prompt_len - self.cache.length)
+        length = self.cache.length
+        self.cache.realign(shift, width)
+        self.mask = _realign_mask(self.mask[:, :length], shift, width)
+
+
+def _realign_mask(mask: torch.Tensor, shift: int, width: int) -> torch.Tensor:
+    """mask (B, S) moved `shift` columns right (0s come in; < 0 drops columns) and filled
+    with 1s (tokens still to come) up to `width` columns."""
+    B, S = mask.shape
+    out = mask.new_ones(B, width)  # (B, width)
+    out[:, : max(0, shift)] = 0
+    out[:, max(0, shift) : S + shift] = mask[:, max(0, -shift) :]
+    return out
 
 
 def _prompt_ids(tokenizer, prompt, index: int) -> list[int]:
@@ -245,46 +393,85 @@ def filter_logits(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor
 
 
 class _TokenChooser:
-    """Every row's sampling settings as tensors (B, ...) and its generator; picks next tokens."""
+    """Every row's sampling settings as tensors (B, ...), its generator and the tokens it has
+    seen (for the repetition penalty); picks next tokens. Rows join (extend) and leave
+    (select_rows) in step with the DecodeBatch."""
 
-    def __init__(self, params: Sequence[SamplingParams], prompt_ids: list[list[int]], vocab_size: int, device):
-        self.greedy = torch.tensor([p.temperature == 0 for p in params], device=device)  # (B,)
-        self.temperature = torch.tensor([p.temperature or 1.0 for p in params], device=device)[:, None]  # (B, 1)
-        self.top_k = torch.tensor([p.top_k for p in params], device=device)  # (B,)
+    def __init__(self, vocab_size: int, device):
+        self.vocab_size, self.device = vocab_size, device
+        self.params: list[SamplingParams] = []
+        self.generators: list[torch.Generator | None] = []
+        self.seen = torch.zeros(0, vocab_size, dtype=torch.bool, device=device)  # (B, V)
+        self._refresh()
+
+    def extend(self, params: list[SamplingParams], prompt_ids: list[list[int]]) -> None:
+        seen = torch.zeros(len(params), self.vocab_size, dtype=torch.bool, device=self.device)  # (b, V)
+        for i, ids in enumerate(prompt_ids):
+            seen[i, torch.tensor(ids, device=self.device)] = True
+        self.seen = torch.cat([self.seen, seen])  # (B, V)
+        self.params += params
+        self.generators += [None if p.temperature < GREEDY_BELOW else _generator(p.seed, self.device) for p in params]
+        self._refresh()
+
+    def select_rows(self, rows: torch.Tensor) -> None:
+        """Keep only the batch rows `rows` (a 1-D index tensor)."""
+        keep = rows.tolist()
+        self.params = [self.params[i] for i in keep]
+        self.generators = [self.generators[i] for i in keep]
+        self.seen = self.seen[rows]
+        self._refresh()
+
+    def _refresh(self) -> None:
+        params, device = self.params, self.device
+        self.temperature = torch.tensor([max(p.temperature, GREEDY_BELOW) for p in params], device=device)[:, None]
+        self.top_k = torch.tensor([min(p.top_k, self.vocab_size) for p in params], dtype=torch.long, device=device)
         self.top_p = torch.tensor([p.top_p for p in params], device=device)  # (B,)
         self.min_p = torch.tensor([p.min_p for p in params], device=device)  # (B,)
+        self.penalty = torch.tensor([p.repetition_penalty for p in params], device=device)[:, None]  # (B, 1)
         self.filters = any(p.top_k > 0 or p.top_p < 1 or p.min_p > 0 for p in params)
-        self.generators = [None if p.temperature == 0 else _generator(p.seed, device) for p in params]
-        self.penalty = self.seen = None
-        if any(p.repetition_penalty != 1 for p in params):
-            self.penalty = torch.tensor([p.repetition_penalty for p in params], device=device)[:, None]  # (B, 1)
-            self.seen = torch.zeros(len(params), vocab_size, dtype=torch.bool, device=device)  # (B, V)
-            for i, ids in enumerate(prompt_ids):
-                self.seen[i, torch.tensor(ids, device=device)] = True
+        self.penalized = any(p.repetition_penalty != 1 for p in params)
 
-    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
-        """The next token (B,) of each row from its logits (B, V) float32."""
-        if self.seen is not None:
+    def __call__(self, logits: torch.Tensor, rows: list[_Row]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The next token (B,) of each row from its logits (B, V) float32, and which rows
+        (B,) bool have no valid distribution."""
+        logits = self._masked(logits, rows)
+        if self.penalized:
             logits = apply_repetition_penalty(logits, self.seen, self.penalty)
         next_ids = logits.argmax(-1)  # (B,)
+        failed = torch.isnan(logits).any(-1) | (logits == float("-inf")).all(-1)  # (B,)
         sampled = [i for i, g in enumerate(self.generators) if g is not None]
         if sampled:
             z = logits / self.temperature  # (B, V)
             if self.filters:
                 z = filter_logits(z, self.top_k, self.top_p, self.min_p)
             probs = z.softmax(-1)  # (B, V)
+            failed |= ~torch.isfinite(probs).all(-1) & torch.tensor([g is not None for g in self.generators],
+                                                                     device=self.device)  # fmt: skip
             for i in sampled:
-                next_ids[i] = torch.multinomial(probs[i], 1, generator=self.generators[i])[0]
-        if self.seen is not None:
-            self.seen[torch.arange(len(next_ids), device=next_ids.device), next_ids] = True
-        return next_ids
+                if not failed[i]:
+                    next_ids[i] = torch.multinomial(probs[i], 1, generator=self.generators[i])[0]
+        next_ids = next_ids.masked_fill(failed, 0)
+        self.seen[torch.arange(len(next_ids), device=next_ids.device), next_ids] = True
+        return next_ids, failed
 
-    def select_rows(self, rows: torch.Tensor) -> None:
-        """Keep only the batch rows `rows` (a 1-D index tensor)."""
-        for name in ("greedy", "temperature", "top_k", "top_p", "min_p", "penalty", "seen"):
-            if getattr(self, name) is not None:
-                setattr(self, name, getattr(self, name)[rows])
-        self.generators = [self.generators[i] for i in rows.tolist()]
+    def _masked(self, logits: torch.Tensor, rows: list[_Row]) -> torch.Tensor:
+        """Logits with each row's forbidden tokens at -inf: its constraint's, and its stop
+        tokens while it has fewer than min_tokens."""
+        masked = None
+        for i, row in enumerate(rows):
+            banned = row.banned_ids()
+            constraint = row.params.constraint
+            if not banned and constraint is None:
+                continue
+            if masked is None:
+                masked = logits.clone()
+            if constraint is not None:
+                allowed = constraint.allowed(row.text).to(self.device)  # (V,)
+                masked[i, : allowed.shape[0]].masked_fill_(~allowed, float("-inf"))
+                masked[i, allowed.shape[0] :] = float("-inf")
+            if banned:
+                masked[i, torch.tensor(banned, device=self.device)] = float("-inf")
+        return logits if masked is None else masked
 
 
 def _generator(seed: int | None, device) -> torch.Generator:
@@ -296,20 +483,33 @@ def _generator(seed: int | None, device) -> torch.Generator:
 class _Row:
     """One sequence's host-side state: its tokens, its decoded text and how it stops."""
 
-    def __init__(self, index: int, tokenizer, prompt_tokens: int, params: SamplingParams):
-        self.index, self.prompt_tokens, self.params = index, prompt_tokens, params
-        self.stop_ids = set(tokenizer.stop_token_ids) | {s for s in params.stop if isinstance(s, int)}
+    def __init__(self, key: Hashable, tokenizer, prompt_tokens: int, params: SamplingParams):
+        self.key, self.prompt_tokens, self.params = key, prompt_tokens, params
+        eos = set() if params.ignore_eos else set(tokenizer.stop_token_ids)
+        self.stop_ids = eos | {s for s in params.stop if isinstance(s, int)}
         self.stop_strings = [s for s in params.stop if isinstance(s, str)]
         self.decoder = tokenizer.decode_stream()
         self.token_ids: list[int] = []
+        self.logprobs: list[TokenLogprob] | None = None if params.logprobs is None else []
         self.text = ""
         self.checked = 0  # text[:checked] holds no stop string
         self.streamed = 0  # text[:streamed] has been handed out
         self.finish_reason: str | None = None
+        self.error: str | None = None
 
-    def add(self, token_id: int) -> None:
+    @property
+    def budget(self) -> int:
+        """Cache columns this row may still write (its last token is never fed back)."""
+        return self.params.max_new_tokens - len(self.token_ids) - 1
+
+    def banned_ids(self) -> list[int]:
+        return sorted(self.stop_ids) if len(self.token_ids) < self.params.min_tokens else []
+
+    def add(self, token_id: int, logprob: TokenLogprob | None = None) -> None:
         """Take the next sampled token; set finish_reason when the row ends."""
         self.token_ids.append(token_id)
+        if self.logprobs is not None:
+            self.logprobs.append(logprob)
         stop_token = token_id in self.stop_ids
         if not stop_token:
             self.text += self.decoder.push(token_id)
@@ -320,6 +520,9 @@ class _Row:
             self.finish_reason = "stop"
         elif out_of_budget:
             self.finish_reason = "length"
+
+    def fail(self, message: str) -> None:
+        self.finish_reason, self.error = "error", message
 
     def _cut_at_stop_string(self) -> bool:
         hits = [
@@ -342,4 +545,5 @@ class _Row:
         return piece
 
     def completion(self) -> Completion:
-        return Completion(self.text, list(self.token_ids), self.finish_reason or "length", self.prompt_tokens)
+        return Completion(self.text, list(self.token_ids), self.finish_reason or "length", self.prompt_tokens,
+                          self.logprobs, self.error)  # fmt: skip
