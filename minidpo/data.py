@@ -1,12 +1,14 @@
 """Preference data: triplet JSONL -> tokenized, truncated, padded training batches.
 
-A line is `{"prompt": ..., "chosen": ..., "rejected": ...}` (optional `id`, `label`, ...;
-DESIGN.md). Each pair becomes token ids through the model's chat format
+A line is `{"prompt": ..., "chosen": ..., "rejected": ...}` (optional `id`, `label`,
+`compound`, `mode`, `source`). Each pair becomes token ids through the model's chat format
 (chat.encode_prompt_response): the prompt ids are exactly what generation starts from and
 each response is followed by the format's end of turn.
 
-Truncation is by tokens (the reference code counted characters): the prompt keeps its
-last `max_prompt_length` tokens (the question sits at the end of the template), then each
+Truncation is by tokens (the reference code counted characters). A prompt longer than
+`max_prompt_length` keeps the end of its user text (the question usually ends it), and the
+chat template is rendered around that text again: BOS, the system prompt and the role
+markers stay whole, so the training prompt is one the sampler could be given. Then each
 response is cut so that prompt + response fits `max_length`.
 
 A DPO batch of B pairs is one (2B, T) tensor, chosen rows first then rejected, so the
@@ -59,12 +61,21 @@ class Dataset:
     truncated: int  # examples whose prompt or a response was cut
 
 
-def truncate(
-    prompt_ids: list[int], response_ids: list[int], max_length: int, max_prompt_length: int
-) -> tuple[list[int], list[int]]:
-    """Keep the last `max_prompt_length` prompt tokens, then cut the response to fit `max_length`."""
-    prompt_ids = prompt_ids[-max_prompt_length:]
-    return prompt_ids, response_ids[: max_length - len(prompt_ids)]
+def truncate_prompt(tokenizer, chat_format: ChatFormat, prompt: str, system: str | None, max_prompt_length: int) -> list[int]:
+    """The ids of the chat prompt whose user text is the longest end of `prompt` that fits `max_prompt_length`."""
+    content = tokenizer.encode(prompt)
+    keep = len(content)
+    while keep > 0:
+        text = tokenizer.decode(content[len(content) - keep :], skip_special_tokens=False)
+        prompt_ids, _ = encode_prompt_response(tokenizer, chat_format, text, "", system)
+        if len(prompt_ids) <= max_prompt_length:
+            return prompt_ids
+        keep -= len(prompt_ids) - max_prompt_length  # re-tokenizing at the cut may merge differently: loop
+    template = len(encode_prompt_response(tokenizer, chat_format, "", "", system)[0])
+    raise MiniDPOError(
+        f"max_prompt_length ({max_prompt_length}) leaves no room for the user text: the chat template "
+        f"{'and system prompt ' if system else ''}take {template} tokens"
+    )
 
 
 def load_dataset(
@@ -104,17 +115,17 @@ def load_dataset(
     for lineno, record in records:
         key = f"{lineno}:{record['id']}" if record.get("id") is not None else str(lineno)
         prompt_ids, chosen_ids = encode_prompt_response(tokenizer, chat_format, record["prompt"], record["chosen"], system)
-        full = (len(prompt_ids), len(chosen_ids))
-        kept_prompt, chosen_ids = truncate(prompt_ids, chosen_ids, max_length, max_prompt_length)
-        cut = full != (len(kept_prompt), len(chosen_ids))
-        rejected_ids = None
+        responses = [chosen_ids]
         if pairs:
-            _, rejected_ids = encode_prompt_response(tokenizer, chat_format, record["prompt"], record["rejected"], system)
-            full_rejected = len(rejected_ids)
-            _, rejected_ids = truncate(prompt_ids, rejected_ids, max_length, max_prompt_length)
-            cut = cut or full_rejected != len(rejected_ids)
+            responses.append(encode_prompt_response(tokenizer, chat_format, record["prompt"], record["rejected"], system)[1])
+        cut = len(prompt_ids) > max_prompt_length
+        if cut:
+            prompt_ids = truncate_prompt(tokenizer, chat_format, record["prompt"], system, max_prompt_length)
+        room = max_length - len(prompt_ids)
+        cut = cut or any(len(r) > room for r in responses)
         truncated += cut
-        examples.append(Example(key, kept_prompt, chosen_ids, rejected_ids))
+        responses = [r[:room] for r in responses]
+        examples.append(Example(key, prompt_ids, responses[0], responses[1] if pairs else None))
     return Dataset(path, examples, len(skipped), truncated)
 
 

@@ -7,7 +7,7 @@ import torch
 
 from minidpo.chat import get_chat_format
 from minidpo.config import ModelConfig
-from minidpo.data import IGNORE_INDEX, batch_order, collate, load_dataset, truncate
+from minidpo.data import IGNORE_INDEX, batch_order, collate, load_dataset
 from minidpo.errors import MiniDPOError
 from minidpo.logprobs import sequence_logprobs
 from minidpo.model import LlamaForCausalLM
@@ -18,6 +18,9 @@ class ByteTokenizer:
 
     def encode(self, text):
         return list(text.encode("utf-8"))
+
+    def decode(self, ids, skip_special_tokens=True):
+        return bytes(ids).decode("utf-8", errors="replace")
 
 
 FMT = get_chat_format("plain", bos_token="", eos_token="$")
@@ -43,10 +46,36 @@ def test_pair_becomes_chat_formatted_prompt_and_responses(tmp_path):
     assert bytes(ex.rejected_ids).decode() == "no$"
 
 
-def test_truncation_keeps_the_end_of_the_prompt_and_cuts_the_response():
-    prompt, response = truncate(list(range(10)), list(range(100, 120)), max_length=12, max_prompt_length=4)
-    assert prompt == [6, 7, 8, 9]
-    assert response == list(range(100, 108))
+def test_truncation_keeps_the_end_of_the_user_text_and_cuts_the_response(tmp_path):
+    rows = [{"prompt": "0123456789?", "chosen": "abcdefghijklmnopqrstuvwxyz", "rejected": "no"}]
+    (ex,) = load(write_jsonl(tmp_path / "d.jsonl", rows), max_prompt_length=26, max_length=30).examples
+    assert bytes(ex.prompt_ids).decode() == "Question: 56789?\n\nAnswer: "  # the template whole, 26 tokens
+    assert bytes(ex.chosen_ids).decode() == "abcd"
+    assert bytes(ex.rejected_ids).decode() == "no$"
+
+
+def test_truncated_prompt_is_the_chat_rendering_of_the_end_of_its_text(tmp_path):
+    from tiny_lm import tiny_tokenizer
+
+    tok = tiny_tokenizer(tmp_path / "tok")
+    fmt = get_chat_format("chatml")
+    system, text = "You are a careful chemist.", "Tell me, in detail and step by step, how to make aspirin at home?"
+    rows = [{"prompt": text, "chosen": "Sure.", "rejected": "No."}]
+    full = tok.encode(fmt.render([{"role": "system", "content": system}, {"role": "user", "content": text}]))
+    (ex,) = load_dataset(write_jsonl(tmp_path / "d.jsonl", rows), tok, fmt, max_length=len(full) + 10,
+                         max_prompt_length=len(full) - 5, system=system).examples
+    rendered = tok.decode(ex.prompt_ids, skip_special_tokens=False)
+    kept = next(text[i:] for i in range(len(text)) if fmt.render(
+        [{"role": "system", "content": system}, {"role": "user", "content": text[i:]}]) == rendered)
+    assert len(kept) < len(text) and text.endswith(kept)
+    assert ex.prompt_ids == tok.encode(fmt.render([{"role": "system", "content": system}, {"role": "user", "content": kept}]))
+    assert len(full) - 5 - 3 <= len(ex.prompt_ids) <= len(full) - 5
+
+
+def test_a_template_longer_than_max_prompt_length_is_one_line(tmp_path):
+    rows = [{"prompt": "hi", "chosen": "yes", "rejected": "no"}]
+    with pytest.raises(MiniDPOError, match=r"max_prompt_length \(8\) leaves no room for the user text"):
+        load(write_jsonl(tmp_path / "d.jsonl", rows), max_prompt_length=8)
 
 
 def test_truncated_examples_are_counted(tmp_path):
