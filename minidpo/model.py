@@ -113,7 +113,8 @@ class Attention(nn.Module):
             k, v = kv_cache.update(self.layer_idx, k, v)  # (B, nkv, S, hd), S = cached + T
         S = k.shape[2]
         if mask is None:
-            # Plain causal (or one query over the whole cache): the flash kernels take GQA as is.
+            # Plain causal (or one query over the whole cache): the flash kernels take GQA as is
+            # (enable_gqa needs torch >= 2.5, pyproject.toml's floor).
             y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1 and S == T, enable_gqa=True)
         else:
             groups = self.n_heads // self.n_kv_heads
@@ -154,12 +155,13 @@ def attention_mask_4d(
 ) -> torch.Tensor | None:
     """The boolean mask (B or 1, 1, T, S) that sdpa takes; True = may attend.
 
-    Queries are columns start..start+T-1 of the key axis. None when plain causal suffices.
+    Queries are columns start..start+T-1 of the key axis (start: an int, or a static KV
+    cache's (1,) position tensor, given with an attention_mask). None when plain causal suffices.
     """
     windowed = sliding_window is not None and S > sliding_window
     if attention_mask is None and not windowed and (start == 0 or T == 1):
         return None
-    q_idx = torch.arange(start, start + T, device=device)[:, None]  # (T, 1)
+    q_idx = (start + torch.arange(T, device=device))[:, None]  # (T, 1); start may be a (1,) tensor
     k_idx = torch.arange(S, device=device)[None, :]  # (1, S)
     allowed = k_idx <= q_idx  # (T, S)
     if windowed:
@@ -193,8 +195,7 @@ class LlamaModel(nn.Module):
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, kv_cache=None):
         B, T = input_ids.shape
-        start = kv_cache.length if kv_cache is not None else 0
-        S = start + T
+        start, S = kv_cache.columns(T) if kv_cache is not None else (0, T)  # first query column, key columns
         if attention_mask is not None and attention_mask.shape != (B, S):
             raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, expected {(B, S)}")
         if position_ids is None:

@@ -161,3 +161,12 @@ def test_parameter_count_matches_the_module():
         _, ours = make_pair(family)
         n = sum(p.numel() for p in ours.parameters())  # tied weights counted once
         assert ours.config.num_parameters == n, family
+
+
+def test_the_torch_floor_has_scaled_dot_product_attention_with_enable_gqa():
+    import re
+    from pathlib import Path
+
+    pyproject = (Path(__file__).parents[1] / "pyproject.toml").read_text()
+    (major, minor), = re.findall(r'^\s*"torch>=(\d+)\.(\d+)"', pyproject, re.MULTILINE)
+    assert (int(major), int(minor)) >= (2, 5)  # enable_gqa arrived in torch 2.5
