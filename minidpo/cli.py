@@ -4,7 +4,9 @@ Each sub-command lives in minidpo/commands/<name>.py with three names:
 `HELP` (one line), `add_arguments(parser)` and `run(args) -> int | None`. Only the chosen
 command's module is imported, so `minidpo --help` is instant and a command's options sit
 next to the few lines that call the library. User mistakes (MiniDPOError) print one line
-and exit 2; Ctrl-C exits 130 after the command has saved what it must.
+and exit 2; Ctrl-C exits 130 after the command has saved what it must. A ParameterError
+names a library parameter (`max_steps`, `r`); its line names the command's flag instead
+(`--max-steps`, or the command module's `FLAGS` entry: `--lora-r`).
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import argparse
 import importlib
 import sys
 
-from minidpo.errors import MiniDPOError
+from minidpo.errors import MiniDPOError, ParameterError
 
 # command name -> module under minidpo.commands, in the order --help lists them
 COMMANDS = {
@@ -72,6 +74,10 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         args = build_parser(command).parse_args(argv)
         return int(args._run(args) or 0)
+    except ParameterError as e:
+        flags = getattr(_load(command), "FLAGS", {})
+        print(f"minidpo: error: {e.renamed(lambda p: flags.get(p, '--' + p.replace('_', '-')))}", file=sys.stderr)
+        return 2
     except MiniDPOError as e:
         print(f"minidpo: error: {e}", file=sys.stderr)
         return 2

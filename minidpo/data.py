@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 from minidpo.chat import ChatFormat, encode_prompt_response
-from minidpo.errors import MiniDPOError
+from minidpo.errors import MiniDPOError, ParameterError
 from minidpo.io import read_jsonl_records
 
 IGNORE_INDEX = -100
@@ -72,9 +72,9 @@ def truncate_prompt(tokenizer, chat_format: ChatFormat, prompt: str, system: str
             return prompt_ids
         keep -= len(prompt_ids) - max_prompt_length  # re-tokenizing at the cut may merge differently: loop
     template = len(encode_prompt_response(tokenizer, chat_format, "", "", system)[0])
-    raise MiniDPOError(
+    raise ParameterError(
         f"max_prompt_length ({max_prompt_length}) leaves no room for the user text: the chat template "
-        f"{'and system prompt ' if system else ''}take {template} tokens"
+        f"{'and system prompt ' if system else ''}take {template} tokens", "max_prompt_length",
     )
 
 
@@ -96,8 +96,9 @@ def load_dataset(
     passed to `on_skip(message)` and counted in `Dataset.skipped`.
     """
     if max_prompt_length < 1 or max_length <= max_prompt_length:
-        raise MiniDPOError(
-            f"--max-length ({max_length}) must exceed --max-prompt-length ({max_prompt_length}), which must be >= 1"
+        raise ParameterError(
+            f"max_length ({max_length}) must exceed max_prompt_length ({max_prompt_length}), which must be >= 1",
+            "max_length", "max_prompt_length",
         )
     path = Path(path)
     required = {"prompt": str, "chosen": str} | ({"rejected": str} if pairs else {})

@@ -35,7 +35,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from minidpo.errors import MiniDPOError
+from minidpo.errors import MiniDPOError, ParameterError
 from minidpo.io import atomic_dir, atomic_write_json, read_json
 
 ALL_LINEAR = "all-linear"
@@ -43,6 +43,7 @@ ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."
 OUTPUT_LAYER = "lm_head"  # never adapted by "all-linear", as in PEFT
+PEFT_KEYS = {"alpha": "lora_alpha", "dropout": "lora_dropout"}  # LoRAConfig's names -> adapter_config.json's
 
 
 @dataclass
@@ -55,9 +56,9 @@ class LoRAConfig:
 
     def __post_init__(self):
         if self.r < 1:
-            raise MiniDPOError(f"--lora-r must be >= 1, got {self.r}")
+            raise ParameterError(f"r must be >= 1, got {self.r}", "r")
         if not 0 <= self.dropout < 1:
-            raise MiniDPOError(f"--lora-dropout must be in [0, 1), got {self.dropout}")
+            raise ParameterError(f"dropout must be in [0, 1), got {self.dropout}", "dropout")
         if isinstance(self.target_modules, str) and self.target_modules != ALL_LINEAR:
             self.target_modules = tuple(t.strip() for t in self.target_modules.split(",") if t.strip())
         elif not isinstance(self.target_modules, str):
@@ -151,7 +152,7 @@ def apply_lora(model: nn.Module, config: LoRAConfig, *, only: set[str] | None = 
     names = [name for name, module in model.named_modules() if _is_target(name, module, targets)]
     if not names:
         shown = targets if isinstance(targets, str) else ",".join(targets)
-        raise MiniDPOError(f"--lora-targets {shown!r} matched no linear layer of the model")
+        raise ParameterError(f"target_modules {shown!r} matched no linear layer of the model", "target_modules")
     for name in names:
         _replace(model, name, LoRALinear(model.get_submodule(name), config))
     return names
@@ -253,13 +254,16 @@ def read_adapter(adapter_dir: str | Path) -> tuple[LoRAConfig, dict[str, torch.T
     except (SafetensorError, OSError) as e:
         raise MiniDPOError(f"{weights_path}: not a readable safetensors file ({e})") from None
     targets = raw.get("target_modules") or ()
-    config = LoRAConfig(
-        r=int(raw.get("r", 8)),
-        alpha=float(raw.get("lora_alpha", 8)),
-        dropout=float(raw.get("lora_dropout", 0.0)),
-        target_modules=targets if isinstance(targets, str) else tuple(targets),
-        use_rslora=bool(raw.get("use_rslora", False)),
-    )
+    try:
+        config = LoRAConfig(
+            r=int(raw.get("r", 8)),
+            alpha=float(raw.get("lora_alpha", 8)),
+            dropout=float(raw.get("lora_dropout", 0.0)),
+            target_modules=targets if isinstance(targets, str) else tuple(targets),
+            use_rslora=bool(raw.get("use_rslora", False)),
+        )
+    except ParameterError as e:  # named as the file's keys
+        raise MiniDPOError(f"{config_path}: {e.renamed(lambda name: PEFT_KEYS.get(name, name))}") from None
     weights: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in tensors.items():
         if not key.startswith(PEFT_PREFIX) or not key.endswith((".lora_A.weight", ".lora_B.weight")):

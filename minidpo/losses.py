@@ -48,7 +48,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from minidpo.errors import MiniDPOError
+from minidpo.errors import ParameterError
 
 LOSS_TYPES = ("sigmoid", "robust", "hinge", "ipo", "simpo")
 
@@ -138,15 +138,15 @@ def dpo_loss(
 def check_loss_options(loss_type: str, beta: float, label_smoothing: float) -> None:
     """Reject a loss configuration that cannot train, naming the option to change."""
     if loss_type not in LOSS_TYPES:
-        raise MiniDPOError(f"--loss {loss_type!r} is unknown; choose one of {', '.join(LOSS_TYPES)}")
-    if beta <= 0:
-        raise MiniDPOError(f"--beta must be > 0, got {beta}")
+        raise ParameterError(f"loss_type {loss_type!r} is unknown; choose one of {', '.join(LOSS_TYPES)}", "loss_type")
+    if not beta > 0:
+        raise ParameterError(f"beta must be > 0, got {beta}", "beta")
     if loss_type == "robust" and not 0 <= label_smoothing < 0.5:
-        raise MiniDPOError(f"--label-smoothing must be in [0, 0.5) for the robust loss, got {label_smoothing}")
+        raise ParameterError(f"label_smoothing must be in [0, 0.5) for the robust loss, got {label_smoothing}", "label_smoothing")
     if not 0 <= label_smoothing <= 0.5:
-        raise MiniDPOError(f"--label-smoothing must be in [0, 0.5], got {label_smoothing}")
+        raise ParameterError(f"label_smoothing must be in [0, 0.5], got {label_smoothing}", "label_smoothing")
     if label_smoothing and loss_type in ("hinge", "ipo"):
-        raise MiniDPOError(f"--label-smoothing has no meaning for the {loss_type} loss; leave it at 0")
+        raise ParameterError(f"label_smoothing has no meaning for the {loss_type} loss; leave it at 0", "label_smoothing")
 
 
 def sft_loss(

@@ -14,7 +14,7 @@ One optimizer step:
     lr from linear warm-up then cosine (or linear, or constant) decay to 0, with
     transformers' formula (the first step uses lr 0 when warming up, as the reference code).
 
-Defaults are the LibraChem reference's (PAPER.md): LoRA r=8, alpha=16, dropout 0.05 on
+Defaults are the LibraChem reference's (arXiv 2501.13952, its public code): LoRA r=8, alpha=16, dropout 0.05 on
 q/k/v; beta 0.1; lr 5e-4, cosine, 10 warm-up steps; batch 1 x accumulation 4;
 max_prompt_length 512, max_length 1024.
 
@@ -40,11 +40,12 @@ Everything a run writes lives in OUT:
 
 Resuming (`resume=True`; with no checkpoint yet it starts at step 0) restores the last
 checkpoint and continues exactly: the data order is a pure function of (seed, epoch), the
-RNG states (LoRA dropout) are restored, and metrics.jsonl is cut back to the checkpoint's
-step, so 5 steps + kill + resume + 5 steps gives the weights and metrics of 10 straight
-steps. Ctrl-C is caught between
-micro-batches: the run saves a checkpoint at the last completed step, then stops (a
-second Ctrl-C stops at once).
+trainer's own random stream (LoRA dropout; RNGStream, which leaves the caller's global RNG
+as it was) is restored, and metrics.jsonl is cut back to the checkpoint's step, so 5 steps
++ kill + resume + 5 steps gives the weights and metrics of 10 straight steps. With
+`catch_interrupt=True` (the CLI's), Ctrl-C is caught between micro-batches: the run saves
+a checkpoint at the last completed step, then stops (a second Ctrl-C stops at once); the
+library installs no signal handler otherwise.
 """
 
 from __future__ import annotations
@@ -66,7 +67,8 @@ from safetensors.torch import load_file, save_file
 
 from minidpo.checkpoint import load_model, save_model
 from minidpo.data import IGNORE_INDEX, Batch, Dataset, batch_order, collate, load_dataset
-from minidpo.errors import MiniDPOError
+from minidpo.device import resolve_device
+from minidpo.errors import MiniDPOError, ParameterError
 from minidpo.io import JsonlAppender, atomic_dir, atomic_write, atomic_write_json, load_jsonl_tolerant
 from minidpo.logprobs import sequence_logprobs
 from minidpo.lora import LoRAConfig, apply_lora, save_adapter
@@ -196,11 +198,39 @@ class MetricSums:
         return {"loss": self.loss, **{k: v / max(1, self.count) for k, v in self.sums.items()}, "count": self.count}
 
 
+class RNGStream:
+    """The trainer's own random stream (LoRA's init, dropout), seeded from its config.
+
+    It is swapped into torch's global generators (the CPU's and the training device's) for
+    the trainer's work and out again, so a caller's stream is untouched. Not a private
+    torch.Generator: dropout takes none, and gradient checkpointing replays the global one.
+    """
+
+    def __init__(self, seed: int, device: torch.device):
+        self.device = device
+        self.state = {"torch": torch.Generator().manual_seed(seed).get_state()}
+        if device.type == "cuda":
+            self.state["cuda"] = torch.Generator(device).manual_seed(seed).get_state()
+
+    @contextlib.contextmanager
+    def active(self):
+        with torch.random.fork_rng(devices=[self.device] if "cuda" in self.state else []):
+            torch.set_rng_state(self.state["torch"])
+            if "cuda" in self.state:
+                torch.cuda.set_rng_state(self.state["cuda"], self.device)
+            try:
+                yield
+            finally:
+                self.state = {"torch": torch.get_rng_state()}
+                if self.device.type == "cuda":
+                    self.state["cuda"] = torch.cuda.get_rng_state(self.device)
+
+
 @contextlib.contextmanager
-def interrupt_flag():
-    """Turn the first Ctrl-C into a flag the loop polls; a second one interrupts at once."""
+def interrupt_flag(catch: bool):
+    """With `catch`, turn the first Ctrl-C into a flag the loop polls; a second one interrupts at once."""
     flag = threading.Event()
-    if threading.current_thread() is not threading.main_thread():
+    if not catch or threading.current_thread() is not threading.main_thread():
         yield flag
         return
 
@@ -235,7 +265,7 @@ class Trainer:
         self._check_options()
         c = config
         self.out = Path(c.out)
-        self.device = torch.device(c.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.device = resolve_device(c.device)
         on_cuda = self.device.type == "cuda"
         base_dtype = getattr(torch, c.dtype) if c.dtype else torch.bfloat16 if on_cuda and not c.full_finetune else torch.float32
         self.autocast = (
@@ -248,14 +278,15 @@ class Trainer:
         self.train_data = self._load_data(c.data)
         self.eval_data = self._load_data(c.eval_data) if c.eval_data else None
 
-        torch.manual_seed(c.seed)  # LoRA's A init and dropout
+        self.rng = RNGStream(c.seed, self.device)
         self.model, _ = load_model(c.model, dtype=base_dtype, device=self.device)
         if c.full_finetune:
             for p in self.model.parameters():
                 p.requires_grad_(True)
         else:
             lora = LoRAConfig(c.lora_r, c.lora_alpha, c.lora_dropout, c.lora_targets, c.use_rslora)
-            apply_lora(self.model, lora)
+            with self.rng.active():
+                apply_lora(self.model, lora)
         self.model.gradient_checkpointing = c.gradient_checkpointing
         self.model.train()
         self.trainable = {name: p for name, p in self.model.named_parameters() if p.requires_grad}
@@ -285,16 +316,16 @@ class Trainer:
         if self.pairs:
             check_loss_options(c.loss, c.beta, c.label_smoothing)
         if c.dtype is not None and c.dtype not in DTYPES:
-            raise MiniDPOError(f"--dtype {c.dtype!r} is unknown; choose one of {', '.join(DTYPES)}")
+            raise ParameterError(f"dtype {c.dtype!r} is unknown; choose one of {', '.join(DTYPES)}", "dtype")
         if c.scheduler not in SCHEDULERS:
-            raise MiniDPOError(f"--scheduler {c.scheduler!r} is unknown; choose one of {', '.join(SCHEDULERS)}")
+            raise ParameterError(f"scheduler {c.scheduler!r} is unknown; choose one of {', '.join(SCHEDULERS)}", "scheduler")
         for name in ("batch_size", "grad_accum", "epochs", "eval_batch_size", "save_every", "keep_checkpoints"):
             if getattr(c, name) < 1:
-                raise MiniDPOError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(c, name)}")
+                raise ParameterError(f"{name} must be >= 1, got {getattr(c, name)}", name)
         if c.max_steps is not None and c.max_steps < 1:
-            raise MiniDPOError(f"--max-steps must be >= 1, got {c.max_steps}")
-        if c.lr <= 0:
-            raise MiniDPOError(f"--lr must be > 0, got {c.lr}")
+            raise ParameterError(f"max_steps must be >= 1, got {c.max_steps}", "max_steps")
+        if not c.lr > 0:
+            raise ParameterError(f"lr must be > 0, got {c.lr}", "lr")
 
     def _load_data(self, path: str) -> Dataset:
         c = self.config
@@ -343,7 +374,7 @@ class Trainer:
 
     def _check_fresh_out(self) -> None:
         if self._checkpoints():
-            raise MiniDPOError(f"{self.out} already holds a run; pass --resume to continue it or choose another --out")
+            raise ParameterError(f"{self.out} already holds a run; continue it with resume or choose another out", "resume", "out")
 
     # ---- data
 
@@ -393,8 +424,13 @@ class Trainer:
 
     # ---- the loop
 
-    def train(self, on_step: Callable[[int, dict], None] | None = None) -> TrainResult:
-        """Run to `total_steps`; `on_step(step, record)` is called after each optimizer step."""
+    def train(self, on_step: Callable[[int, dict], None] | None = None, *, catch_interrupt: bool = False) -> TrainResult:
+        """Run to `total_steps`; `on_step(step, record)` is called after each optimizer step.
+
+        `catch_interrupt` installs a SIGINT handler for the run (a command line asks for it):
+        the first Ctrl-C saves a checkpoint at the last completed step, then raises
+        KeyboardInterrupt. Without it a KeyboardInterrupt propagates as it comes.
+        """
         from tqdm import tqdm
 
         c = self.config
@@ -406,14 +442,14 @@ class Trainer:
         bar = tqdm(total=self.total_steps, initial=self.step, disable=not c.progress, desc=self.mode, dynamic_ncols=True)
         last_eval_step = None
         try:
-            with interrupt_flag() as interrupted:
+            with interrupt_flag(catch_interrupt) as interrupted:
                 while self.step < self.total_steps:
                     batches = self._epoch_batches()
                     if self.batch_index >= len(batches):
                         self.epoch, self.batch_index = self.epoch + 1, 0
                         continue
                     group = batches[self.batch_index : self.batch_index + c.grad_accum]
-                    rng = self._rng_state()  # the state at this step boundary, for a Ctrl-C save
+                    rng = self.rng.state  # the state at this step boundary, for a Ctrl-C save
                     try:
                         record = self._optimizer_step(group, interrupted)
                     except _Interrupted:
@@ -427,9 +463,9 @@ class Trainer:
                         metrics.write(self.evaluate())
                         last_eval_step = self.step
                     if self.step % c.save_every == 0 or self.step == self.total_steps:
-                        self.save_checkpoint(self._rng_state())
+                        self.save_checkpoint(self.rng.state)
                     if interrupted.is_set():
-                        self._interrupt(self._rng_state())
+                        self._interrupt(self.rng.state)
                 if self.eval_data is not None and last_eval_step != self.step:
                     metrics.write(self.evaluate())
         finally:
@@ -451,13 +487,14 @@ class Trainer:
         batches = [self.collate(micro) for micro in group]
         counts = count_batches(batches, self.pairs)
         sums = MetricSums()
-        for batch in batches:
-            loss, metrics = self.batch_loss(batch, "train", counts)
-            loss.backward()
-            sums.add(loss.detach(), metrics)
-            if interrupted is not None and interrupted.is_set():
-                self.optimizer.zero_grad(set_to_none=True)
-                raise _Interrupted
+        with self.rng.active():
+            for batch in batches:
+                loss, metrics = self.batch_loss(batch, "train", counts)
+                loss.backward()
+                sums.add(loss.detach(), metrics)
+                if interrupted is not None and interrupted.is_set():
+                    self.optimizer.zero_grad(set_to_none=True)
+                    raise _Interrupted
         return sums.means()
 
     def _optimizer_step(self, group: list[list[int]], interrupted: threading.Event) -> dict:
@@ -505,12 +542,6 @@ class Trainer:
 
     # ---- checkpoints
 
-    def _rng_state(self) -> dict:
-        state = {"torch": torch.get_rng_state()}
-        if torch.cuda.is_available():
-            state["cuda"] = torch.cuda.get_rng_state_all()
-        return state
-
     def save_checkpoint(self, rng: dict) -> Path:
         """Write OUT/checkpoints/step-NNNNNN for the current step (atomically) and prune old ones."""
         path = self.out / "checkpoints" / f"step-{self.step:06d}"
@@ -532,13 +563,13 @@ class Trainer:
     def _resume(self, path: Path) -> None:
         state = load_state(path, "trainer")
         if state["mode"] != self.mode:
-            raise MiniDPOError(f"{path}: the checkpoint is from `minidpo {state['mode']}`, not `{self.mode}`")
+            raise MiniDPOError(f"{path}: the checkpoint is from a {state['mode']} run, not {self.mode}")
         saved, now = state["config"], dataclasses.asdict(self.config)
         for key, value in now.items():
             if key not in RESUMABLE_CHANGES and saved.get(key) != value:
-                raise MiniDPOError(
-                    f"{path}: --{key.replace('_', '-')} was {saved.get(key)!r} in this run, now {value!r}; "
-                    f"resume with the same options or start a new --out"
+                raise ParameterError(
+                    f"{path}: {key} was {saved.get(key)!r} in this run, now {value!r}; "
+                    f"resume with the same options or start a new out", key, "out",
                 )
         tensors = load_file(str(path / "trainable.safetensors"))
         if set(tensors) != set(self.trainable):
@@ -547,9 +578,7 @@ class Trainer:
             for name, p in self.trainable.items():
                 p.copy_(tensors[name])
         self.optimizer.load_state_dict(load_state(path, "optimizer"))
-        torch.set_rng_state(state["rng"]["torch"])
-        if "cuda" in state["rng"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        self.rng.state = state["rng"]
         self.step, self.epoch, self.batch_index = state["step"], state["epoch"], state["batch_index"]
         # Records written after this checkpoint belong to steps that will run again.
         kept = [r for r in load_jsonl_tolerant(self.out / "metrics.jsonl") if r.get("step", 0) <= self.step]
@@ -570,11 +599,15 @@ class Trainer:
             self.log(f"minidpo: no plot ({e})")
 
 
-def train_dpo(config: TrainConfig, *, on_step=None, log: Callable[[str], None] = _stderr) -> TrainResult:
+def train_dpo(
+    config: TrainConfig, *, on_step=None, log: Callable[[str], None] = _stderr, catch_interrupt: bool = False
+) -> TrainResult:
     """Align with DPO (or a variant: config.loss); see TrainConfig for every option."""
-    return Trainer(config, "dpo", log=log).train(on_step)
+    return Trainer(config, "dpo", log=log).train(on_step, catch_interrupt=catch_interrupt)
 
 
-def train_sft(config: TrainConfig, *, on_step=None, log: Callable[[str], None] = _stderr) -> TrainResult:
+def train_sft(
+    config: TrainConfig, *, on_step=None, log: Callable[[str], None] = _stderr, catch_interrupt: bool = False
+) -> TrainResult:
     """Supervised fine-tuning on the chosen responses (prompt masked)."""
-    return Trainer(config, "sft", log=log).train(on_step)
+    return Trainer(config, "sft", log=log).train(on_step, catch_interrupt=catch_interrupt)

@@ -112,7 +112,7 @@ def test_example_key_names_line_and_id(tmp_path):
 
 
 def test_max_length_must_exceed_max_prompt_length(tmp_path):
-    with pytest.raises(MiniDPOError, match="--max-length"):
+    with pytest.raises(MiniDPOError, match=r"^max_length \(8\) must exceed max_prompt_length \(8\)"):
         load(write_jsonl(tmp_path / "d.jsonl", [{"prompt": "a", "chosen": "b", "rejected": "c"}]), max_length=8, max_prompt_length=8)
 
 

@@ -119,10 +119,25 @@ def test_metrics_use_trl_names_and_meanings_with_count():
     assert m["logps/rejected"].item() == pytest.approx(pr.mean().item())
 
 
-def test_unknown_loss_type_is_a_one_line_user_error():
+def test_unknown_loss_type_is_a_one_line_error_naming_the_parameter():
     x = torch.zeros(1)
-    with pytest.raises(MiniDPOError, match="--loss 'nope' is unknown"):
+    with pytest.raises(MiniDPOError, match="^loss_type 'nope' is unknown"):
         dpo_loss(x, x, x, x, loss_type="nope")
+
+
+def test_pair_and_token_counts_make_micro_batch_losses_add_up_to_the_whole():
+    logps = torch.tensor([-3.0, -9.0, -1.0]), torch.tensor([-4.0, -2.0, -8.0])
+    lengths = torch.tensor([3, 7, 2]), torch.tensor([5, 1, 4])
+    options = dict(rpo_alpha=0.5, beta=0.2)
+    whole, _ = dpo_loss(*logps, *(-x for x in logps), chosen_lengths=lengths[0], rejected_lengths=lengths[1], **options)
+    parts = [
+        dpo_loss(*(x[s] for x in logps), *(-x[s] for x in logps), chosen_lengths=lengths[0][s],
+                 rejected_lengths=lengths[1][s], pair_count=3, chosen_token_count=12, **options)[0]
+        for s in (slice(0, 1), slice(1, 3))
+    ]
+    assert sum(parts).item() == pytest.approx(whole.item(), rel=1e-6)
+    sft_parts = [sft_loss(logps[0][s], lengths[0][s], token_count=12)[0] for s in (slice(0, 2), slice(2, 3))]
+    assert sum(sft_parts).item() == pytest.approx(sft_loss(logps[0], lengths[0])[0].item(), rel=1e-6)
 
 
 def test_sft_loss_is_token_mean_nll_with_token_count():

@@ -121,7 +121,7 @@ def test_five_steps_kill_resume_five_equals_ten_straight(model_dir, toy_data, tm
             os.kill(os.getpid(), signal.SIGINT)
 
     with pytest.raises(KeyboardInterrupt):
-        train_dpo(config(model_dir, toy_data, tmp_path / "b", **kw), on_step=kill_at_5, log=quiet)
+        train_dpo(config(model_dir, toy_data, tmp_path / "b", **kw), on_step=kill_at_5, log=quiet, catch_interrupt=True)
     assert (tmp_path / "b" / "checkpoints" / "step-000005").is_dir()
     resumed = train_dpo(config(model_dir, toy_data, tmp_path / "b", resume=True, **kw), log=quiet)
 
@@ -145,13 +145,13 @@ def test_checkpoints_are_safetensors_and_json_only(model_dir, toy_data, tmp_path
 
 def test_existing_run_needs_resume(model_dir, toy_data, tmp_path):
     train_dpo(config(model_dir, toy_data, tmp_path / "run", max_steps=1), log=quiet)
-    with pytest.raises(MiniDPOError, match="pass --resume"):
+    with pytest.raises(MiniDPOError, match="already holds a run; continue it with resume or choose another out"):
         Trainer(config(model_dir, toy_data, tmp_path / "run", max_steps=1), log=quiet)
 
 
 def test_resume_with_changed_options_is_refused(model_dir, toy_data, tmp_path):
     train_dpo(config(model_dir, toy_data, tmp_path / "run", max_steps=1), log=quiet)
-    with pytest.raises(MiniDPOError, match="--beta was 0.1"):
+    with pytest.raises(MiniDPOError, match=": beta was 0.1 in this run, now 0.2"):
         Trainer(config(model_dir, toy_data, tmp_path / "run", max_steps=2, beta=0.2, resume=True), log=quiet)
 
 
@@ -216,6 +216,41 @@ def test_cli_train_then_merge_gives_the_adapted_model(model_dir, toy_data, tmp_p
     with torch.no_grad():
         torch.testing.assert_close(merged.lm_head(merged(ids)), adapted.lm_head(adapted(ids)), rtol=1e-4, atol=1e-5)
     assert (tmp_path / "merged" / "tokenizer.json").is_file()
+
+
+def test_trainer_leaves_the_global_rng_and_sigint_alone_unless_asked(model_dir, toy_data, tmp_path):
+    torch.manual_seed(123)
+    before, handler = torch.get_rng_state(), signal.getsignal(signal.SIGINT)
+    handlers = []
+    train_dpo(config(model_dir, toy_data, tmp_path / "a", max_steps=2, lora_dropout=0.3), log=quiet,
+              on_step=lambda step, record: handlers.append(signal.getsignal(signal.SIGINT)))
+    assert torch.equal(torch.get_rng_state(), before)
+    assert handlers == [handler, handler]
+    torch.manual_seed(7)  # the run's numbers do not depend on the caller's stream
+    again = train_dpo(config(model_dir, toy_data, tmp_path / "b", max_steps=2, lora_dropout=0.3), log=quiet)
+    a = load_file(str(tmp_path / "a" / "adapter" / "adapter_model.safetensors"))
+    b = load_file(str(again.output / "adapter_model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_library_errors_name_the_parameter_and_the_cli_its_flag(model_dir, toy_data, tmp_path, capsys):
+    from minidpo.cli import main
+
+    with pytest.raises(MiniDPOError, match="^r must be >= 1, got 0$"):
+        Trainer(config(model_dir, toy_data, tmp_path / "run", lora_r=0), log=quiet)
+    with pytest.raises(MiniDPOError, match="^grad_accum must be >= 1, got 0$"):
+        Trainer(config(model_dir, toy_data, tmp_path / "run", grad_accum=0), log=quiet)
+    base = ["--model", str(model_dir), "--data", str(toy_data), "--out", str(tmp_path / "cli")]
+    for command, flag, value, message in [
+        ("train", "--lora-r", "0", "--lora-r must be >= 1, got 0"),
+        ("sft", "--grad-accum", "0", "--grad-accum must be >= 1, got 0"),
+        ("train", "--lora-targets", "nothing", "--lora-targets 'nothing' matched no linear layer"),
+        ("train", "--max-prompt-length", "2000", "--max-length (1024) must exceed --max-prompt-length (2000)"),
+        ("train", "--device", "tpu", "--device 'tpu': unknown"),
+    ]:
+        assert main([command, *base, flag, value]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("minidpo: error: ") and message in err and err.count("\n") == 1, err
 
 
 def test_cli_reports_a_missing_data_file_in_one_line(model_dir, tmp_path, capsys):

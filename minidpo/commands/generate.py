@@ -37,16 +37,10 @@ def load_for_inference(args):
     import torch
 
     from minidpo.checkpoint import load_model
-    from minidpo.errors import MiniDPOError
+    from minidpo.device import resolve_device
     from minidpo.tokenizer import load_tokenizer
 
-    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(device)
-    except RuntimeError:
-        raise MiniDPOError(f"--device {args.device}: not a device (use cpu, cuda or cuda:N)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise MiniDPOError(f"--device {args.device}: CUDA is not available here; use --device cpu")
+    device = resolve_device(args.device)
     dtype_name = args.dtype if args.dtype != "auto" else ("bfloat16" if device.type == "cuda" else "float32")
     tokenizer = load_tokenizer(args.model, chat_format=args.chat_format)
     model, _ = load_model(args.model, dtype=getattr(torch, dtype_name), device=device)

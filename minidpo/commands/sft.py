@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from minidpo.commands.train import FLAGS as TRAIN_FLAGS
 from minidpo.commands.train import add_common_arguments, config_from_args
 
 HELP = "supervised fine-tuning on the chosen responses of prompt/chosen JSONL (LoRA by default)"
+FLAGS = TRAIN_FLAGS
 
 
 def add_arguments(parser) -> None:
@@ -14,6 +16,6 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
     from minidpo.train import train_sft
 
-    result = train_sft(config_from_args(args))
+    result = train_sft(config_from_args(args), catch_interrupt=True)
     print(result.output)
     return 0

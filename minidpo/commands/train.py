@@ -7,6 +7,13 @@ import argparse
 HELP = "align a model with DPO (LoRA by default) on prompt/chosen/rejected JSONL"
 
 
+# Library parameter names that this command spells differently (ParameterError.renamed; cli.py)
+FLAGS = {
+    "r": "--lora-r", "alpha": "--lora-alpha", "dropout": "--lora-dropout", "target_modules": "--lora-targets",
+    "use_rslora": "--rslora", "loss_type": "--loss", "progress": "--no-progress", "plot": "--no-plot",
+}
+
+
 def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     """The options `minidpo train` and `minidpo sft` share (defaults: TrainConfig's, the paper's)."""
     from minidpo.train import DTYPES, SCHEDULERS, TrainConfig
@@ -91,6 +98,6 @@ def config_from_args(args: argparse.Namespace):
 def run(args) -> int:
     from minidpo.train import train_dpo
 
-    result = train_dpo(config_from_args(args))
+    result = train_dpo(config_from_args(args), catch_interrupt=True)
     print(result.output)
     return 0
