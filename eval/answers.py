@@ -86,10 +86,11 @@ class LocalModelSource:
         import torch
 
         from minidpo.checkpoint import load_model
+        from minidpo.device import resolve_device
         from minidpo.lora import load_adapter
         from minidpo.tokenizer import load_tokenizer
 
-        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        device = resolve_device(device)
         dtype = dtype or (torch.bfloat16 if str(device).startswith("cuda") else torch.float32)
         model, _ = load_model(model_dir, dtype=dtype, device=device)
         if adapter is not None:
