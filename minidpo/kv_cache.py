@@ -1,12 +1,21 @@
-"""A static key/value cache: one preallocated buffer per layer, filled left to right.
+"""A key/value cache: one preallocated buffer per layer, filled left to right.
 
-    k_cache[layer]: (B, n_kv_heads, max_len, head_dim)      same for v_cache
+    k[layer]: (B, n_kv_heads, max_len, head_dim)      same for v
 
-All rows of a batch share one write position `length` (the sampler left-pads prompts so
-that every row ends at the same column); padding columns are masked out by the attention
-mask, not by the cache. A forward over T new tokens writes columns [length, length + T)
-of every layer, then `advance(T)` moves the position. Static shapes keep the decode step
-free of allocations, which is what makes it capturable by CUDA graphs (gpt-fast's design).
+All rows of a batch share one write position (the sampler left-pads prompts so that every
+row ends at the same column); padding columns are masked out by the attention mask, not by
+the cache. A forward over T new tokens writes columns [p, p + T) of every layer, then
+`advance(T)` moves the position p. Two ways to hand the keys to attention:
+
+- dynamic (default): p is a Python int (`length`) and `update` returns the filled columns
+  [0, p + T), so the key length grows by one per decode step. Rows can be dropped.
+- static (gpt-fast's design, for CUDA graphs): p is a (1,) tensor (`position`), `update`
+  writes with index_copy_ and returns the whole buffers, so every decode step has the same
+  shapes and reads no Python number that changes; the caller's attention mask (B, max_len)
+  hides the columns not written yet (the model's causal mask does, with q = p + arange(T)).
+  The buffers and the position are marked as static addresses: a captured graph reads and
+  writes them in place. A static cache needs an attention mask and position ids from its
+  caller, and writes past max_len raise (CPU) or trip a device assert (CUDA).
 """
 
 from __future__ import annotations
@@ -25,18 +34,35 @@ class KVCache:
         *,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
+        static: bool = False,
     ):
         shape = (batch_size, config.num_key_value_heads, max_len, config.head_dim)
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
         self.max_len = max_len
-        self.length = 0  # columns [0, length) hold keys/values
+        self.static = static
+        self.length = 0  # dynamic: columns [0, length) hold keys/values
+        self.position = torch.zeros(1, dtype=torch.long, device=device) if static else None  # static: same, (1,)
+        if static:
+            for buffer in (*self.k, *self.v, self.position):
+                torch._dynamo.mark_static_address(buffer)
+
+    def columns(self, T: int) -> tuple[int | torch.Tensor, int]:
+        """(first column written by a forward over T tokens, number of key columns it sees)."""
+        if self.static:
+            return self.position, self.max_len
+        return self.length, self.length + T
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write this step's k, v (B, n_kv, T, hd) for `layer`; return all keys/values so far.
+        """Write this step's k, v (B, n_kv, T, hd) for `layer`; return the keys/values attention sees.
 
-        The returned views are (B, n_kv, length + T, hd).
+        Dynamic: views (B, n_kv, length + T, hd). Static: the whole buffers (B, n_kv, max_len, hd).
         """
+        if self.static:
+            cols = self.position + torch.arange(k.shape[2], device=k.device)  # (T,)
+            self.k[layer].index_copy_(2, cols, k)
+            self.v[layer].index_copy_(2, cols, v)
+            return self.k[layer], self.v[layer]
         end = self.length + k.shape[2]
         if end > self.max_len:
             raise ValueError(f"KV cache overflow: {end} positions > max_len {self.max_len}")
@@ -45,13 +71,20 @@ class KVCache:
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
     def advance(self, n: int) -> None:
-        self.length += n
+        if self.static:
+            self.position += n  # in place: the tensor keeps its address
+        else:
+            self.length += n
 
     def reset(self) -> None:
+        if self.static:
+            self.position.zero_()
         self.length = 0
 
     def select_rows(self, rows: torch.Tensor) -> None:
-        """Keep only the batch rows `rows` (a 1-D index tensor): drop finished sequences."""
+        """Keep only the batch rows `rows` (a 1-D index tensor): drop finished sequences (dynamic only)."""
+        if self.static:
+            raise ValueError("a static KV cache keeps its batch size: rows cannot be dropped")
         self.k = [k.index_select(0, rows) for k in self.k]
         self.v = [v.index_select(0, rows) for v in self.v]
 
