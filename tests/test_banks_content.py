@@ -11,8 +11,8 @@ from collections import Counter
 from importlib.resources import files
 
 import pytest
-
 from minidpo.eval.rules import rule_verdict
+
 from minidpo.io import read_jsonl_records
 
 DATA = files("minidpo") / "data" / "librachem_mini"
@@ -26,7 +26,7 @@ DOMAINS = {
     },
     "everyday": {
         "computing", "cooking", "sport", "history", "language", "health", "law", "games", "travel",
-        "money", "nature", "music", "work", "home", "film", "science",
+        "money", "nature", "music", "work", "home", "film",
     },
 }
 MIN_TOPICS = {"general": 130, "everyday": 110}
