@@ -53,13 +53,19 @@ def load_model(
     device: str | torch.device = "cpu",
     *,
     config: ModelConfig | None = None,
+    quantize: str | None = None,
 ):
     """Load an HF-format folder into a LlamaForCausalLM with `dtype` weights on `device`.
 
     Returns (model, config). Floating-point tensors are cast to `dtype` whatever the file
-    stores (fp32, fp16 or bf16). `config` overrides the folder's config.json.
+    stores (fp32, fp16 or bf16). `config` overrides the folder's config.json. With
+    quantize="nf4" every linear layer but lm_head becomes a frozen NF4Linear (minidpo.quant)
+    computing in `dtype`, each weight quantized on `device` as it is read.
     """
     from minidpo.model import LlamaForCausalLM
+    from minidpo.quant import check_quantize, is_quantizable, quantize_layer
+
+    check_quantize(quantize)
 
     folder = Path(path)
     if not folder.is_dir():
@@ -94,9 +100,13 @@ def load_model(
                     f"{file}: tensor {name!r} has shape {tuple(tensor.shape)}, config.json implies "
                     f"{tuple(target.shape)} (do config.json and the weights belong together?)"
                 )
-            _assign(
-                model, name, tensor.to(device=device, dtype=dtype if tensor.is_floating_point() else None)
-            )
+            owner_name, _, attr = name.rpartition(".")
+            if quantize and attr == "weight" and is_quantizable(owner_name, model.get_submodule(owner_name)):
+                quantize_layer(model, owner_name, tensor.to(device), dtype)
+            else:
+                _assign(
+                    model, name, tensor.to(device=device, dtype=dtype if tensor.is_floating_point() else None)
+                )
             loaded.add(name)
 
     missing = [name for name in expected if name not in loaded]
@@ -203,17 +213,23 @@ def save_model(
     return Path(path)
 
 
-def merge_adapter(model_dir: str | Path, adapter_dir: str | Path, out: str | Path, *, dtype: torch.dtype | None = None) -> Path:
+def merge_adapter(
+    model_dir: str | Path, adapter_dir: str | Path, out: str | Path, *, dtype: torch.dtype | None = None,
+    quantize: str | None = None,
+) -> Path:
     """Fold a LoRA adapter (PEFT layout) into its base model and write the result as a folder.
 
     The merge is done in float32; the weights are written in `dtype` (default: the base
     folder's own dtype, float32 when it names none), with the base folder's tokenizer files.
+    quantize="nf4" is for an adapter trained on the NF4 base (QLoRA): it is merged into the
+    dequantized weights, the model it was trained with, and every layer is written dense.
     """
     from minidpo.lora import load_adapter, merge_lora
+    from minidpo.quant import dequantize_model
 
-    model, config = load_model(model_dir, dtype=torch.float32)
+    model, config = load_model(model_dir, dtype=torch.float32, quantize=quantize)
     load_adapter(model, adapter_dir)
-    merge_lora(model)
+    dequantize_model(merge_lora(model))
     if dtype is None:
         stored = config.torch_dtype if config.torch_dtype in ("float32", "bfloat16", "float16") else "float32"
         dtype = getattr(torch, stored)

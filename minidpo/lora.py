@@ -30,13 +30,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from minidpo.errors import MiniDPOError, ParameterError
 from minidpo.io import atomic_dir, atomic_write_json, read_json
+from minidpo.quant import NF4Linear, NF4Weight, linear
 
 ALL_LINEAR = "all-linear"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -70,9 +70,9 @@ class LoRAConfig:
 
 
 class LoRALinear(nn.Module):
-    """A frozen nn.Linear plus a trainable low-rank update (see the module docstring)."""
+    """A frozen nn.Linear (or NF4Linear, QLoRA) plus a trainable low-rank update (see the module docstring)."""
 
-    def __init__(self, base: nn.Linear, config: LoRAConfig):
+    def __init__(self, base: nn.Linear | NF4Linear, config: LoRAConfig):
         super().__init__()
         self.in_features, self.out_features = base.in_features, base.out_features
         self.weight = base.weight
@@ -94,7 +94,7 @@ class LoRALinear(nn.Module):
         self.train(base.training)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight, self.bias)  # (..., out)
+        y = linear(x, self.weight, self.bias)  # (..., out); the weight may be NF4 (QLoRA)
         if self.disabled or self.merged:
             return y
         a = self.lora_A(self.dropout(x.to(self.lora_A.weight.dtype)))  # (..., r)
@@ -107,6 +107,8 @@ class LoRALinear(nn.Module):
     @torch.no_grad()
     def merge(self) -> None:
         if not self.merged:
+            if isinstance(self.weight, NF4Weight):  # QLoRA: merge into the dequantized weight
+                self.weight = nn.Parameter(self.weight.dequantize(), requires_grad=False)
             self.weight.copy_((self.weight.float() + self.delta_weight()).to(self.weight.dtype))
             self.merged = True
 
@@ -127,7 +129,7 @@ def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoRALinear]]:
 
 
 def _is_target(name: str, module: nn.Module, targets: tuple[str, ...] | str) -> bool:
-    if not isinstance(module, nn.Linear):
+    if not isinstance(module, (nn.Linear, NF4Linear)):
         return False
     leaf = name.rsplit(".", 1)[-1]
     if targets == ALL_LINEAR:
@@ -281,7 +283,7 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path) -> LoRAConfig:
     modules = dict(model.named_modules())
     for name, parts in weights.items():
         module = modules.get(name)
-        if not isinstance(module, (nn.Linear, LoRALinear)):
+        if not isinstance(module, (nn.Linear, NF4Linear, LoRALinear)):
             raise MiniDPOError(f"{weights_path}: adapter for {name!r}, which is not a linear layer of this model")
         if set(parts) != {"A", "B"}:
             raise MiniDPOError(f"{weights_path}: {name} needs both lora_A and lora_B")

@@ -52,7 +52,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from minidpo.errors import MiniDPOError
+from minidpo.errors import ParameterError
 from minidpo.kernels.nf4 import BLOCK_SIZE, SCALE_BLOCK_SIZE, dequantize_nf4
 
 QUANTIZATIONS = ("nf4",)
@@ -87,7 +87,7 @@ def code_tables(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
 
 def check_quantize(quantize: str | None) -> None:
     if quantize is not None and quantize not in QUANTIZATIONS:
-        raise MiniDPOError(f"quantize={quantize!r} is not supported; use one of {', '.join(QUANTIZATIONS)} or none")
+        raise ParameterError(f"quantize {quantize!r} is not supported; use {' or '.join(QUANTIZATIONS)}", "quantize")
 
 
 @torch.no_grad()

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from minidpo.errors import MiniDPOError
+from minidpo.errors import ParameterError
 from minidpo.quant import NF4_CODE, NF4Linear, NF4Weight, check_quantize, linear, scale_code_values
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -215,5 +215,5 @@ def test_a_dtype_cast_changes_the_compute_dtype_but_not_the_stored_format():
 def test_an_unknown_quantization_names_the_parameter():
     check_quantize(None)
     check_quantize("nf4")
-    with pytest.raises(MiniDPOError, match="quantize='int8'"):
+    with pytest.raises(ParameterError, match="quantize 'int8' is not supported"):
         check_quantize("int8")
