@@ -73,6 +73,7 @@ from minidpo.io import JsonlAppender, atomic_dir, atomic_write, atomic_write_jso
 from minidpo.logprobs import sequence_logprobs
 from minidpo.lora import LoRAConfig, apply_lora, save_adapter
 from minidpo.losses import check_loss_options, dpo_loss, is_reference_free, sft_loss
+from minidpo.quant import check_quantize
 from minidpo.refcache import ReferenceModel, default_cache_dir, fingerprint, precompute_reference_logps
 from minidpo.tokenizer import load_tokenizer
 from minidpo.train_state import load_state, save_state
@@ -93,6 +94,7 @@ class TrainConfig:
     lora_dropout: float = 0.05
     lora_targets: str = "q_proj,k_proj,v_proj"  # comma-separated leaf names, or "all-linear"
     use_rslora: bool = False
+    quantize: str | None = None  # "nf4": the frozen base in 4-bit NormalFloat (QLoRA); LoRA runs only
     # the DPO loss and its reference
     loss: str = "sigmoid"
     beta: float = 0.1
@@ -279,7 +281,7 @@ class Trainer:
         self.eval_data = self._load_data(c.eval_data) if c.eval_data else None
 
         self.rng = RNGStream(c.seed, self.device)
-        self.model, _ = load_model(c.model, dtype=base_dtype, device=self.device)
+        self.model, _ = load_model(c.model, dtype=base_dtype, device=self.device, quantize=c.quantize)
         if c.full_finetune:
             for p in self.model.parameters():
                 p.requires_grad_(True)
@@ -326,6 +328,10 @@ class Trainer:
             raise ParameterError(f"max_steps must be >= 1, got {c.max_steps}", "max_steps")
         if not c.lr > 0:
             raise ParameterError(f"lr must be > 0, got {c.lr}", "lr")
+        check_quantize(c.quantize)
+        if c.quantize and c.full_finetune:
+            raise ParameterError("quantize freezes the base in 4 bits: it trains LoRA adapters, not full_finetune",
+                                 "quantize", "full_finetune")  # fmt: skip
 
     def _load_data(self, path: str) -> Dataset:
         c = self.config
@@ -346,7 +352,7 @@ class Trainer:
         c = self.config
         ref_model = None
         if c.ref_model:
-            ref_model, _ = load_model(c.ref_model, dtype=dtype, device=self.device)
+            ref_model, _ = load_model(c.ref_model, dtype=dtype, device=self.device, quantize=c.quantize)
             ref_model.requires_grad_(False)
         self.reference = ReferenceModel(self.model, ref_model)
         if not (c.precompute_ref or (c.full_finetune and ref_model is None)):
@@ -356,6 +362,7 @@ class Trainer:
         settings = {
             "format": repr(self.tokenizer.chat_format), "system": c.system, "max_length": c.max_length,
             "max_prompt_length": c.max_prompt_length, "dtype": str(dtype), "device": self.device.type,
+            **({"quantize": c.quantize} if c.quantize else {}),
         }
         model_dir = c.ref_model or c.model
         for split, data in (("train", self.train_data), ("eval", self.eval_data)):
