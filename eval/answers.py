@@ -11,17 +11,32 @@ is the user turn of the tokenizer's chat format (or the one named), greedy by de
 endpoint answers through gen/client.py's ChatClient (retries, a bounded thread pool).
 
 The cache is OUT/answers.jsonl, one record per answer, appended and fsync'ed as each
-answer arrives (minidpo.io.JsonlAppender), keyed by (source name, prompt id, prompt text):
-a rerun, or the same answers under a new judge, generates nothing, and an interrupted run
-resumes where it stopped. A changed prompt under the same id is answered again. The cache
-does not key on sampling settings: give a source a new name when changing them.
+answer arrives (minidpo.io.JsonlAppender), keyed by the prompt and the source's answer
+key: a hash of `source.identity()`, everything that changes an answer:
 
-A record: {source, id, prompt, output (the raw text), reasoning_content (an endpoint's
-separate reasoning field, or null), finish_reason, completion_tokens}.
+    local model   the model as loaded (eval/fingerprint.py: architecture, weights, a loaded
+                  adapter, dtype), the device type, the prompt rendering (chat format, system
+                  prompt, tokenizer, stop tokens), max_new_tokens, temperature and seed
+    endpoint      its URL and model name, max_tokens, temperature and system prompt (the
+                  weights behind a name cannot be seen from here)
+
+A rerun, or the same answers under a new judge, generates nothing; an interrupted run
+resumes where it stopped; any changed setting, or changed weights under the same folder,
+regenerates. The source's name is a label only: two names for the same model and
+settings share answers. Batch size, device index and concurrency are not in the key
+(greedy answers do not depend on them; tests/test_eval_run.py checks batching).
+
+A record: {source, key, id, prompt, output (the raw text), reasoning_content (an
+endpoint's separate reasoning field, or null), finish_reason, completion_tokens}.
+
+A local model also gives the per-token NLL of reference answers (eval/retention.py) for
+the retention score; an endpoint cannot (`reference_nll` is None).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
@@ -29,8 +44,10 @@ from typing import Any, Protocol
 from minidpo.gen.client import ChatClient
 
 from minidpo.io import JsonlAppender, load_jsonl_tolerant
+from minidpo.progress import GenerationProgress
 
 from .dataset import EvalRow
+from .fingerprint import model_fingerprint, prompt_fingerprint
 
 Record = dict[str, Any]
 
@@ -40,6 +57,9 @@ class AnswerSource(Protocol):
 
     def describe(self) -> dict[str, Any]:
         """The settings that produced the answers (for the report)."""
+
+    def identity(self) -> dict[str, Any]:
+        """Everything that changes an answer (JSON-serialisable); its hash keys the answer cache."""
 
     def answer(self, rows: Sequence[EvalRow], on_answer: Callable[[Record], None]) -> None:
         """Answer every row, calling `on_answer(record)` as each one is done."""
@@ -70,6 +90,7 @@ class LocalModelSource:
         self.temperature, self.seed, self.system = temperature, seed, system
         self.chat_format = tokenizer.chat_format_or(chat_format)
         self.model_path, self.adapter_path = model_path, adapter_path
+        self._fingerprint: str | None = None
 
     @classmethod
     def from_dir(
@@ -106,7 +127,30 @@ class LocalModelSource:
             "kind": "local", "model": self.model_path, "adapter": self.adapter_path, "chat_format": self.chat_format.name,
             "batch_size": self.batch_size, "max_new_tokens": self.max_new_tokens,
             "temperature": self.temperature, "seed": self.seed if self.temperature else None, "system": self.system,
+            "fingerprint": self.fingerprint,
         }
+
+    @property
+    def fingerprint(self) -> str:
+        """The model's fingerprint as loaded (eval/fingerprint.py), computed once."""
+        if self._fingerprint is None:
+            self._fingerprint = model_fingerprint(self.model)
+        return self._fingerprint
+
+    def identity(self) -> dict[str, Any]:
+        return {
+            "kind": "local", "model": self.fingerprint, "device": next(self.model.parameters()).device.type,
+            "prompt": prompt_fingerprint(self.tokenizer, self.chat_format, self.system or None),
+            "max_new_tokens": self.max_new_tokens, "temperature": self.temperature,
+            "seed": self.seed if self.temperature else None,
+        }
+
+    def reference_nll(self, pairs: Sequence[tuple[str, str]], on_batch: Callable[[int], None] | None = None) -> list[float]:
+        """Per-token NLL of each (prompt, reference answer) under this model, prompts rendered as for answers."""
+        from .retention import reference_nll
+
+        return reference_nll(self.model, self.tokenizer, self.chat_format, pairs, system=self.system or None,
+                             batch_size=self.batch_size, on_batch=on_batch)
 
     def answer(self, rows: Sequence[EvalRow], on_answer: Callable[[Record], None]) -> None:
         from minidpo.sampler import generate
@@ -151,6 +195,9 @@ class EndpointSource:
         return {"kind": "endpoint", "endpoint": self.client.url, "model": self.client.model,
                 "max_tokens": self.max_tokens, "temperature": self.temperature, "system": self.system}
 
+    def identity(self) -> dict[str, Any]:
+        return self.describe()
+
     def answer(self, rows: Sequence[EvalRow], on_answer: Callable[[Record], None]) -> None:
         def ask(row: EvalRow):
             messages = [{"role": "system", "content": self.system}] if self.system else []
@@ -177,22 +224,22 @@ def _record(source: str, row: EvalRow, output: str, reasoning_content: str | Non
 
 
 class AnswerCache:
-    """OUT/answers.jsonl: every answer so far, by (source, id, prompt); the last record wins."""
+    """OUT/answers.jsonl: every answer so far, by (answer key, prompt); the last record wins."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        self._records = {(r["source"], r["id"], r["prompt"]): r for r in load_jsonl_tolerant(self.path)
-                         if isinstance(r, dict) and {"source", "id", "prompt", "output"} <= r.keys()}
+        self._records = {(r["key"], r["prompt"]): r for r in load_jsonl_tolerant(self.path)
+                         if isinstance(r, dict) and {"key", "prompt", "output"} <= r.keys()}
         self._appender: JsonlAppender | None = None
 
-    def get(self, source: str, row: EvalRow) -> Record | None:
-        return self._records.get((source, row.id, row.prompt))
+    def get(self, key: str, prompt: str) -> Record | None:
+        return self._records.get((key, prompt))
 
     def add(self, record: Record) -> None:
         if self._appender is None:
             self._appender = JsonlAppender(self.path)
         self._appender.write(record)
-        self._records[(record["source"], record["id"], record["prompt"])] = record
+        self._records[(record["key"], record["prompt"])] = record
 
     def close(self) -> None:
         if self._appender is not None:
@@ -200,10 +247,35 @@ class AnswerCache:
             self._appender = None
 
 
-def collect_answers(source: AnswerSource, rows: Sequence[EvalRow], cache: AnswerCache) -> tuple[list[Record], int]:
-    """Every row's answer record, in row order, and how many were newly generated."""
-    pending = [row for row in rows if cache.get(source.name, row) is None]
-    unique = list({(row.id, row.prompt): row for row in pending}.values())
-    if unique:
-        source.answer(unique, cache.add)
-    return [cache.get(source.name, row) for row in rows], len(unique)
+def answer_key(source: AnswerSource) -> str:
+    """The cache key of a source's answers: a hash of its identity (see the module doc)."""
+    content = json.dumps(source.identity(), sort_keys=True, ensure_ascii=False)
+    return hashlib.blake2b(content.encode("utf-8"), digest_size=16).hexdigest()
+
+
+def collect_answers(
+    source: AnswerSource,
+    rows: Sequence[EvalRow],
+    cache: AnswerCache,
+    *,
+    progress: bool = False,
+    log: Callable[[str], None] | None = None,
+) -> tuple[list[Record], int]:
+    """Every row's answer record, in row order, and how many were newly generated.
+
+    Missing answers are generated (each distinct prompt once) under a progress bar of
+    answers and tokens/s (`progress`); `log` gets one summary line.
+    """
+    key = answer_key(source)
+    missing = [row for row in rows if cache.get(key, row.prompt) is None]
+    pending = list({row.prompt: row for row in missing}.values())
+    with GenerationProgress(len(pending), f"answers: {source.name}", enabled=progress and bool(pending)) as bar:
+        def on_answer(record: Record) -> None:
+            cache.add({**record, "key": key})
+            bar.update(tokens=record.get("completion_tokens") or 0)
+
+        if pending:
+            source.answer(pending, on_answer)
+    if log is not None:
+        log(f"{bar.summary()}; {len(rows) - len(missing)} from the cache ({cache.path})")
+    return [cache.get(key, row.prompt) for row in rows], len(pending)

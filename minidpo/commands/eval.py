@@ -1,13 +1,15 @@
 """`minidpo eval`: safety and utility of local models and endpoints, rule + LLM judge (eval/).
 
-    minidpo eval --model DIR [--adapter A ...] [--with-base] --out OUT
+    minidpo eval --model DIR [--adapter A ...] [--with-base] [--base-model D [--base-adapter A]] --out OUT
     minidpo eval --endpoint URL --model-name NAME [--model-name NAME2] --data test.jsonl --out OUT
-    ... --judge-endpoint URL --judge-model NAME [--grade]
+    minidpo eval --like runs/demo --out OUT        # the demo's evaluation, from its demo.json
+    ... --judge-endpoint URL --judge-model NAME [--grade] [--no-progress]
 
-Every source answers every --data set (default: the shipped eval_seen + eval_unseen);
-answers and judge verdicts are cached in OUT, so a rerun or a new judge regenerates
-nothing. API keys are read from the environment variables named by --api-key-env and
---judge-api-key-env, never from the command line.
+Every source answers every --data set (default: the shipped eval_* splits); answers and
+judge verdicts are cached in OUT by everything that changes them, so a rerun or a new
+judge regenerates nothing and a changed setting regenerates. --base-model adds the
+source "base", the retention base. API keys are read from the environment variables
+named by --api-key-env and --judge-api-key-env, never from the command line.
 """
 
 from __future__ import annotations
@@ -17,7 +19,12 @@ from pathlib import Path
 
 from minidpo.errors import MiniDPOError
 
-HELP = "score safety/utility of models or endpoints with the rule + LLM-judge hybrid; report.json/.md/.png"
+HELP = ("score safety, utility, over-refusal and correctness of models or endpoints (rule + LLM judge); "
+        "report.json/.md/.png")
+# answering settings: their defaults, and the flags --like takes from demo.json instead
+DEFAULTS = {"max_new_tokens": 256, "temperature": 0.0, "seed": 0, "batch_size": 8}
+LIKE_EXCLUDES = ("model", "adapter", "with_base", "endpoint", "model_name", "name", "data", "base_model", "base_adapter",
+                 "max_new_tokens", "temperature", "seed", "batch_size", "chat_format", "system")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -26,6 +33,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--adapter", type=Path, action="append", default=[],
                    help="LoRA adapter folder for --model; repeat to compare several (one source each)")
     g.add_argument("--with-base", action="store_true", help="with --adapter: also evaluate --model without one")
+    g.add_argument("--base-model", type=Path,
+                   help="the base model folder: evaluated as the source 'base' and divided by in the retention score")
+    g.add_argument("--base-adapter", type=Path, help="LoRA adapter folder for --base-model")
+    g.add_argument("--like", type=Path, metavar="DEMO_OUT",
+                   help="evaluate as a demo run did, from DEMO_OUT/demo.json: its final model and base, its splits "
+                        "and settings (excludes the other model, data and answering flags)")
     g.add_argument("--endpoint", help="OpenAI-compatible base URL of models to evaluate, e.g. http://127.0.0.1:8000/v1")
     g.add_argument("--model-name", action="append", default=[], help="model at --endpoint; repeat for several")
     g.add_argument("--name", action="append", default=[],
@@ -37,16 +50,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--out", type=Path, required=True, help="folder for answers, verdicts and the report")
 
     g = parser.add_argument_group("answering")
-    g.add_argument("--max-new-tokens", type=int, default=256, help="answer length limit in tokens (default 256)")
-    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    g.add_argument("--seed", type=int, default=0, help="sampling seed when --temperature > 0")
-    g.add_argument("--batch-size", type=int, default=8, help="local model: prompts per batch (default 8)")
+    g.add_argument("--max-new-tokens", type=int, help="answer length limit in tokens (default 256)")
+    g.add_argument("--temperature", type=float, help="0 = greedy (default)")
+    g.add_argument("--seed", type=int, help="sampling seed when --temperature > 0 (default 0)")
+    g.add_argument("--batch-size", type=int, help="local model: prompts (and reference answers) per batch (default 8)")
     g.add_argument("--chat-format", help="local model: chatml, llama3, llama2, mistral, plain (default: detected)")
     g.add_argument("--system", help="system prompt for every question")
     g.add_argument("--device", help="local model: cuda, cpu, ... (default: cuda when available)")
     g.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
                    help="local model weights (default bfloat16 on CUDA, float32 on CPU)")
     g.add_argument("--api-key-env", default="OPENAI_API_KEY", help="environment variable with --endpoint's key")
+    g.add_argument("--no-progress", action="store_true", help="no progress bars (one summary line per stage stays)")
 
     g = parser.add_argument_group("judging")
     g.add_argument("--judge-endpoint", help="OpenAI-compatible base URL of the judge (without one: rule-only)")
@@ -78,6 +92,8 @@ def build_sources(args: argparse.Namespace) -> list:
         raise MiniDPOError("--endpoint needs --model-name NAME (the model to request)")
     if args.model_name and not args.endpoint:
         raise MiniDPOError("--model-name needs --endpoint URL")
+    if args.base_adapter and args.base_model is None:
+        raise MiniDPOError("--base-adapter needs --base-model (the folder the adapter was trained on)")
     local = [None] if args.model and (args.with_base or not args.adapter) else []
     local += args.adapter if args.model else []
     count = len(local) + len(args.model_name)
@@ -88,21 +104,40 @@ def build_sources(args: argparse.Namespace) -> list:
     names = iter(args.name or [None] * count)
 
     sources = []
-    if local:
-        import torch
-
-        dtype = getattr(torch, args.dtype) if args.dtype else None
-        settings = {"batch_size": args.batch_size, "max_new_tokens": args.max_new_tokens,
-                    "temperature": args.temperature, "seed": args.seed, "chat_format": args.chat_format,
-                    "system": args.system}
-        for adapter in local:
-            sources.append(LocalModelSource.from_dir(args.model, adapter, name=next(names), device=args.device,
-                                                     dtype=dtype, **settings))
+    settings = {"batch_size": args.batch_size, "max_new_tokens": args.max_new_tokens,
+                "temperature": args.temperature, "seed": args.seed, "chat_format": args.chat_format,
+                "system": args.system}
+    for adapter in local:
+        sources.append(LocalModelSource.from_dir(args.model, adapter, name=next(names), device=args.device,
+                                                 dtype=_dtype(args), **settings))
     for model_name in args.model_name:
         sources.append(EndpointSource(_client(args.endpoint, model_name, args.api_key_env, args), name=next(names),
                                       max_tokens=args.max_new_tokens, temperature=args.temperature,
                                       system=args.system))
+    if args.base_model:
+        sources.append(LocalModelSource.from_dir(args.base_model, args.base_adapter, name="base", device=args.device,
+                                                 dtype=_dtype(args), **settings))
     return sources
+
+
+def _dtype(args: argparse.Namespace):
+    import torch
+
+    return getattr(torch, args.dtype) if args.dtype else None
+
+
+def _like(args: argparse.Namespace) -> tuple[list, list, str | None]:
+    """(sources, evaluation sets, retention base) of the demo run named by --like."""
+    from minidpo.eval.dataset import load_eval_set
+    from minidpo.eval.like import like_sources, read_demo_run
+
+    given = [name for name in LIKE_EXCLUDES if getattr(args, name) not in (None, False, [])]
+    if given:
+        flag = "--" + given[0].replace("_", "-")
+        raise MiniDPOError(f"--like takes models, data and answering settings from demo.json; drop {flag}")
+    run = read_demo_run(args.like)
+    datasets = [load_eval_set(path, name=label, limit=args.limit) for label, path in run.eval_sets.items()]
+    return like_sources(run, device=args.device, dtype=_dtype(args)), datasets, "base" if run.base else None
 
 
 def run(args: argparse.Namespace) -> int:
@@ -117,12 +152,20 @@ def run(args: argparse.Namespace) -> int:
                                ("--concurrency", args.concurrency, 1), ("--judge-max-reasks", args.judge_max_reasks, 0)):
         if value is not None and value < least:
             raise MiniDPOError(f"{flag} must be >= {least}, got {value}")
-    datasets = [load_eval_set(p, limit=args.limit) for p in (args.data or shipped_eval_paths())]
+    if args.like is not None:
+        sources, datasets, retention_base = _like(args)
+    else:
+        for key, value in DEFAULTS.items():
+            setattr(args, key, value if getattr(args, key) is None else getattr(args, key))
+        datasets = [load_eval_set(p, limit=args.limit) for p in (args.data or shipped_eval_paths())]
+        sources = build_sources(args)
+        retention_base = "base" if args.base_model else None
     judge = None
     if args.judge_endpoint:
         judge = LLMJudge(_client(args.judge_endpoint, args.judge_model, args.judge_api_key_env, args),
                          max_reasks=args.judge_max_reasks, max_tokens=args.judge_max_tokens)
-    report = evaluate(build_sources(args), datasets, args.out, judge, grade=args.grade)
+    report = evaluate(sources, datasets, args.out, judge, grade=args.grade, retention_base=retention_base,
+                      progress=not args.no_progress)
     print()
     print(summary(report))
     print()
