@@ -1,27 +1,36 @@
-"""An OpenAI-compatible chat-completions server on the standard library's http.server.
+"""An OpenAI-compatible server (chat and text completions) on the standard library's http.server.
 
     server = make_server(model, tokenizer, port=0)        # 127.0.0.1, a free port
     threading.Thread(target=server.serve_forever, daemon=True).start()
     OpenAI(base_url=server.url, api_key="...").chat.completions.create(...)
     server.close()                                         # or: with serve_in_thread(...) as server
 
-Endpoints (the subset of https://platform.openai.com/docs/api-reference/chat that a local
-model can honour): POST /v1/chat/completions with messages, max_tokens or
-max_completion_tokens, temperature, top_p, stop, seed, n=1, stream (+ stream_options.
-include_usage), and the usual local extensions top_k, min_p, repetition_penalty;
-GET /v1/models; GET /health. Other request fields are accepted and ignored.
+Endpoints (the subset of https://platform.openai.com/docs/api-reference that a local model
+can honour, with vLLM's local extensions):
+
+    POST /v1/chat/completions  messages, max_tokens | max_completion_tokens, temperature, top_p,
+                               stop, seed, n, stream (+ stream_options.include_usage),
+                               logprobs + top_logprobs, response_format (json_object, json_schema)
+    POST /v1/completions       prompt (a string or a list), the same sampling fields, logprobs: k,
+                               echo (false only)
+    both, vLLM's extensions:   top_k, min_p, repetition_penalty, min_tokens, ignore_eos, guided_choice
+    GET  /v1/models, GET /health
+
+Other request fields are accepted and ignored. Choice i of a request samples with seed + i.
+Log-probs are not sent in streamed chunks (the final text's are the same as unstreamed).
 
 Concurrency: each connection gets a thread that validates and tokenizes its request and
-puts it on a queue; one model thread takes the first waiting request, waits `batch_window`
-seconds for more (up to `max_batch_size`) and runs them as one batch through the sampler,
-each row with its own sampling settings. Results go back per row as soon as that row ends;
-streamed text is sent as server-sent events (`data: {chunk}` ... `data: [DONE]`).
+puts it on a bounded queue; one model thread runs continuous batching over it
+(server_worker.py). A client that disconnects, or whose stream write fails, frees its rows
+at the next decode step; `request_timeout` ends rows that outlive it.
 
-Errors follow OpenAI's shape, {"error": {"message", "type", "param", "code"}}: 400 for
-invalid JSON, wrong types, unknown roles or too many tokens, 401 without the right
-`Authorization: Bearer` key (compared in constant time), 404/405 for unknown routes, 413
-for an oversize body, 503 when the queue is full or the server is stopping, 500 if
-generation itself fails. No request can stop the server.
+Errors follow OpenAI's shape (server_requests.py): 400 for anything invalid in the body,
+401 without the right `Authorization: Bearer` key (compared in constant time), 404 for
+unknown routes, 405 for a wrong method, 408 for a body that does not arrive within
+`read_timeout`, 411/413 for a missing or oversize Content-Length, 503 with Retry-After when
+the queue is full or the server is stopping, 504 past request_timeout, 500 if generation
+itself fails (that request only). No request can stop the server. The listen backlog
+(`backlog`) absorbs connection bursts instead of resetting them.
 """
 
 from __future__ import annotations
@@ -29,204 +38,40 @@ from __future__ import annotations
 import contextlib
 import hmac
 import json
+import math
 import queue
+import select
+import socket
 import sys
 import threading
 import time
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from minidpo.errors import MiniDPOError
-from minidpo.sampler import Completion, SamplingParams, generate_rows
+from minidpo.sampler import Completion
+from minidpo.server_requests import (
+    RequestError,
+    boolean,
+    encode,
+    integer,
+    invalid,
+    max_tokens,
+    parse_body,
+    parse_logprobs,
+    parse_messages,
+    parse_prompts,
+    parse_stop,
+    row_params,
+)
+from minidpo.server_worker import BatchWorker, GenerationRequest
 
-ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
-
-
-class RequestError(Exception):
-    """A request the server refuses, with its HTTP status and OpenAI error fields."""
-
-    def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None):
-        super().__init__(message)
-        self.status, self.message, self.param, self.code = status, message, param, code
-
-    @property
-    def kind(self) -> str:
-        if self.status == 401:
-            return "authentication_error"
-        return "invalid_request_error" if self.status < 500 else "server_error"
-
-    def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
+ROUTES = {"/health": "GET", "/v1/models": "GET", "/v1/chat/completions": "POST", "/v1/completions": "POST"}
 
 
-@dataclass
-class ChatRequest:
-    """One accepted request: its prompt ids and sampling settings, and where its results go."""
-
-    prompt_ids: list[int]
-    params: SamplingParams
-    stream: bool
-    include_usage: bool = False
-    events: queue.Queue = field(default_factory=queue.Queue)  # ("text", str) | ("done", Completion) | ("error", RequestError)
-
-
-# ---- request validation
-
-
-def _number(body: dict, key: str, lo: float, hi: float, default: float, *, lo_open: bool = False) -> float:
-    value = body.get(key)
-    if value is None:
-        return default
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise RequestError(400, f"'{key}' must be a number, got {type(value).__name__}", param=key, code="invalid_type")
-    if value < lo or (lo_open and value == lo) or value > hi:
-        interval = f"{'(' if lo_open else '['}{lo}, {hi}]"
-        raise RequestError(400, f"'{key}' must be in {interval}, got {value}", param=key, code="invalid_value")
-    return float(value)
-
-
-def _integer(body: dict, key: str, lo: int, default: int | None) -> int | None:
-    value = body.get(key)
-    if value is None:
-        return default
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise RequestError(400, f"'{key}' must be an integer, got {type(value).__name__}", param=key, code="invalid_type")
-    if value < lo:
-        raise RequestError(400, f"'{key}' must be >= {lo}, got {value}", param=key, code="invalid_value")
-    return value
-
-
-def _content(message: dict, i: int) -> str:
-    content = message.get("content")
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list) and all(
-        isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str) for part in content
-    ):
-        return "".join(part["text"] for part in content)
-    raise RequestError(
-        400, f"messages[{i}].content must be a string or a list of text parts", param=f"messages[{i}].content",
-        code="invalid_type",
-    )  # fmt: skip
-
-
-def parse_messages(body: dict) -> list[dict]:
-    messages = body.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise RequestError(400, "'messages' must be a non-empty list", param="messages", code="invalid_type")
-    out = []
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict):
-            raise RequestError(400, f"messages[{i}] must be an object", param=f"messages[{i}]", code="invalid_type")
-        role = m.get("role")
-        if role not in ROLES:
-            raise RequestError(
-                400, f"messages[{i}].role {role!r} is not one of {', '.join(ROLES)}", param=f"messages[{i}].role",
-                code="invalid_value",
-            )  # fmt: skip
-        out.append({"role": ROLES[role], "content": _content(m, i)})
-    return out
-
-
-def parse_stop(body: dict) -> tuple[str, ...]:
-    stop = body.get("stop")
-    if stop is None:
-        return ()
-    stops = [stop] if isinstance(stop, str) else stop
-    if not isinstance(stops, list) or not all(isinstance(s, str) and s for s in stops) or len(stops) > 16:
-        raise RequestError(400, "'stop' must be a non-empty string or a list of up to 16", param="stop", code="invalid_type")
-    return tuple(stops)
-
-
-# ---- the model thread
-
-
-class BatchWorker:
-    """The one thread that runs the model: takes queued requests and batches them."""
-
-    def __init__(self, model, tokenizer, *, max_batch_size: int, batch_window: float, max_queue: int, compile: bool):
-        self.model, self.tokenizer = model, tokenizer
-        self.max_batch_size, self.batch_window, self.compile = max_batch_size, batch_window, compile
-        self.queue: queue.Queue[ChatRequest | None] = queue.Queue(maxsize=max_queue)
-        self.stopping = threading.Event()
-        self.accepting = threading.Lock()  # orders submit() against the final drain
-        self.batch_sizes: list[int] = []  # every batch run, for logs and tests
-        self.thread = threading.Thread(target=self._run, name="minidpo-model", daemon=True)
-
-    def submit(self, request: ChatRequest) -> None:
-        with self.accepting:
-            if self.stopping.is_set():
-                raise RequestError(503, "the server is shutting down", code="unavailable")
-            try:
-                self.queue.put_nowait(request)
-            except queue.Full:
-                raise RequestError(503, "too many queued requests; retry later", code="overloaded") from None
-
-    def stop(self, timeout: float | None = None) -> None:
-        """Finish the batch in flight, refuse what is queued, end the thread."""
-        self.stopping.set()
-        with contextlib.suppress(queue.Full):
-            self.queue.put_nowait(None)
-        if self.thread.is_alive():
-            self.thread.join(timeout)
-
-    def _run(self) -> None:
-        while not self.stopping.is_set():
-            batch = self._next_batch()
-            if batch:
-                self._generate(batch)
-        with self.accepting:  # refuse whatever is still queued
-            while not self.queue.empty():
-                request = self.queue.get_nowait()
-                if request is not None:
-                    request.events.put(("error", RequestError(503, "the server is shutting down", code="unavailable")))
-
-    def _next_batch(self) -> list[ChatRequest]:
-        first = self.queue.get()
-        if first is None:
-            return []
-        batch = [first]
-        deadline = time.monotonic() + self.batch_window
-        while len(batch) < self.max_batch_size:
-            try:
-                request = self.queue.get(timeout=max(0.0, deadline - time.monotonic()))
-            except queue.Empty:
-                break
-            if request is None:
-                self.stopping.set()
-                break
-            batch.append(request)
-        return batch
-
-    def _generate(self, batch: list[ChatRequest]) -> None:
-        self.batch_sizes.append(len(batch))
-
-        def stream(row: int, text: str) -> None:
-            if batch[row].stream:
-                batch[row].events.put(("text", text))
-
-        def on_finish(row: int, completion: Completion) -> None:
-            batch[row].events.put(("done", completion))
-
-        try:
-            generate_rows(
-                self.model,
-                self.tokenizer,
-                [r.prompt_ids for r in batch],
-                [r.params for r in batch],
-                stream=stream,
-                on_finish=on_finish,
-                compile=self.compile,
-            )
-        except Exception as e:  # a failed batch fails its requests, never the server
-            print(f"minidpo serve: generation failed: {type(e).__name__}: {e}", file=sys.stderr)
-            for r in batch:
-                r.events.put(("error", RequestError(500, f"generation failed: {type(e).__name__}", code="server_error")))
-
-
-# ---- HTTP
+class ClientGone(Exception):
+    """The client closed its connection while its request ran."""
 
 
 class ChatServer(ThreadingHTTPServer):
@@ -245,12 +90,16 @@ class ChatServer(ThreadingHTTPServer):
         max_new_tokens: int,
         max_total_tokens: int,
         max_body_bytes: int,
+        backlog: int,
+        read_timeout: float,
+        request_timeout: float | None,
         verbose: bool,
     ):
+        self.request_queue_size = backlog  # listen()'s backlog, read by server_activate
         super().__init__(address, ChatHandler)
         self.worker, self.chat_format, self.model_name, self.api_key = worker, chat_format, model_name, api_key
         self.max_new_tokens, self.max_total_tokens, self.max_body_bytes = max_new_tokens, max_total_tokens, max_body_bytes
-        self.verbose = verbose
+        self.read_timeout, self.request_timeout, self.verbose = read_timeout, request_timeout, verbose
         self.created = int(time.time())
         self.serving = False
 
@@ -268,48 +117,43 @@ class ChatServer(ThreadingHTTPServer):
         return f"http://{host}:{port}/v1"
 
     def close(self) -> None:
-        """Stop serving (from another thread than serve_forever's), finish the batch in flight."""
+        """Stop serving (from another thread than serve_forever's), finish the rows in flight."""
         if self.serving:
             self.shutdown()
         self.worker.stop(timeout=60)
         self.server_close()
 
-    def build_request(self, body: dict) -> ChatRequest:
-        """Validate an OpenAI chat-completions body into a ChatRequest (RequestError if invalid)."""
-        messages = parse_messages(body)
+    def build_request(self, body: dict, *, chat: bool) -> tuple[GenerationRequest, list[int]]:
+        """Validate a chat or text completions body: the request and each prompt's length."""
         if not isinstance(body.get("model", ""), str):
-            raise RequestError(400, "'model' must be a string", param="model", code="invalid_type")
-        if _integer(body, "n", 1, 1) != 1:
-            raise RequestError(400, "only n=1 is supported", param="n", code="invalid_value")
-        stream = body.get("stream") or False
+            raise invalid("'model' must be a string", "model", "invalid_type")
+        if chat:
+            messages = parse_messages(body)
+            try:
+                prompts = [self.chat_format.render(messages, add_generation_prompt=True)]
+            except MiniDPOError as e:
+                raise invalid(str(e), "messages") from None
+        else:
+            prompts = parse_prompts(body)
+            if boolean(body, "echo"):
+                raise invalid("'echo': true is not supported", "echo")
+        n = integer(body, "n", 1, self.worker.max_batch_size, 1)
+        if n * len(prompts) > self.worker.max_batch_size:
+            raise invalid(f"n x prompts must be at most {self.worker.max_batch_size} rows", "n")
+        stream = boolean(body, "stream")
         options = body.get("stream_options") or {}
-        if not isinstance(stream, bool) or not isinstance(options, dict):
-            raise RequestError(400, "'stream' must be a boolean and 'stream_options' an object", param="stream")
-        try:
-            prompt_ids = self.worker.tokenizer.encode(self.chat_format.render(messages, add_generation_prompt=True))
-        except MiniDPOError as e:
-            raise RequestError(400, str(e), param="messages", code="invalid_value") from None
-        room = self.max_total_tokens - len(prompt_ids)
-        requested = _integer(body, "max_completion_tokens", 1, None) or _integer(body, "max_tokens", 1, None)
-        if room < 1 or (requested is not None and requested > room):
-            raise RequestError(
-                400,
-                f"this model's maximum context is {self.max_total_tokens} tokens; the messages take "
-                f"{len(prompt_ids)} and {requested or 1} more were requested",
-                param="messages",
-                code="context_length_exceeded",
-            )
-        params = SamplingParams(
-            max_new_tokens=requested or min(self.max_new_tokens, room),
-            temperature=_number(body, "temperature", 0, 2, 1.0),
-            top_p=_number(body, "top_p", 0, 1, 1.0, lo_open=True),
-            top_k=_integer(body, "top_k", 0, 0),
-            min_p=_number(body, "min_p", 0, 1, 0.0),
-            repetition_penalty=_number(body, "repetition_penalty", 0, 10, 1.0, lo_open=True),
-            stop=(*self.chat_format.stop_strings, *parse_stop(body)),
-            seed=_integer(body, "seed", -(2**63), None),
+        if not isinstance(options, dict):
+            raise invalid("'stream_options' must be an object", "stream_options", "invalid_type")
+        ids = [encode(self.worker.tokenizer, p, "messages" if chat else "prompt") for p in prompts]
+        budget = min(
+            max_tokens(body, len(p), context=self.max_total_tokens, default=self.max_new_tokens) for p in ids
         )
-        return ChatRequest(prompt_ids, params, stream, include_usage=bool(options.get("include_usage")))
+        stop = (*(self.chat_format.stop_strings if chat else ()), *parse_stop(body))
+        params = row_params(body, n=n, max_tokens=budget, stop=stop, logprobs=parse_logprobs(body, chat=chat))
+        deadline = None if self.request_timeout is None else time.monotonic() + self.request_timeout
+        request = GenerationRequest([p for p in ids for _ in range(n)], params * len(prompts), stream,
+                                    boolean(options, "include_usage"), deadline)  # fmt: skip
+        return request, [len(p) for p in ids]
 
 
 class ChatHandler(BaseHTTPRequestHandler):
@@ -325,27 +169,35 @@ class ChatHandler(BaseHTTPRequestHandler):
     # routes
 
     def do_GET(self):
-        self._serve(lambda: self._route({"/health": self._health, "/v1/models": self._models}, "GET"))
+        self._serve(lambda: self._route("GET", {"/health": self._health, "/v1/models": self._models}))
 
     def do_POST(self):
-        self._serve(lambda: self._route({"/v1/chat/completions": self._chat}, "POST"))
+        self._serve(lambda: self._route("POST", {"/v1/chat/completions": self._chat, "/v1/completions": self._text}))
 
-    def _route(self, routes: dict, method: str) -> None:
+    def _wrong_method(self):
+        self.close_connection = True  # a body we do not read must not be parsed as the next request
+        self._serve(lambda: self._route(self.command, {}))
+
+    do_PUT = do_DELETE = do_PATCH = do_HEAD = do_OPTIONS = _wrong_method
+
+    def _route(self, method: str, routes: dict) -> None:
         path = self.path.split("?", 1)[0].rstrip("/")
         if path in routes:
             if path != "/health":
                 self._authenticate()
             return routes[path]()
-        known = {"/health": "GET", "/v1/models": "GET", "/v1/chat/completions": "POST"}
-        if path in known:
-            raise RequestError(405, f"{method} {path} is not allowed; use {known[path]}", code="method_not_allowed")
+        if path in ROUTES:
+            raise RequestError(405, f"{method} {path} is not allowed; use {ROUTES[path]}", code="method_not_allowed",
+                               headers={"Allow": ROUTES[path]})  # fmt: skip
         raise RequestError(404, f"no route {method} {path}", code="unknown_url")
 
     def _serve(self, handle) -> None:
         try:
             handle()
         except RequestError as e:
-            self._send_json(e.status, e.body())
+            self._send_json(e.status, e.body(), e.headers)
+        except ClientGone:
+            self.close_connection = True
         except Exception as e:  # a bug must cost one request, not the server
             print(f"minidpo serve: {type(e).__name__}: {e}", file=sys.stderr)
             self._send_json(500, RequestError(500, "internal error", code="server_error").body())
@@ -366,40 +218,51 @@ class ChatHandler(BaseHTTPRequestHandler):
         model = {"id": self.server.model_name, "object": "model", "created": self.server.created, "owned_by": "minidpo"}
         self._send_json(200, {"object": "list", "data": [model]})
 
-    def _chat(self) -> None:
-        request = self.server.build_request(self._read_json())
-        self.server.worker.submit(request)
-        reply_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-        if request.stream:
-            self._stream(request, reply_id, created)
-            return
-        kind, value = request.events.get()
-        while kind == "text":
-            kind, value = request.events.get()
-        if kind == "error":
-            raise value
-        message = {"role": "assistant", "content": value.text}
-        choice = {"index": 0, "message": message, "finish_reason": value.finish_reason, "logprobs": None}
-        self._send_json(
-            200,
-            {
-                "id": reply_id,
-                "object": "chat.completion",
-                "created": created,
-                "model": self.server.model_name,
-                "choices": [choice],
-                "usage": _usage(value),
-            },
-        )
+    # generation
 
-    def _stream(self, request: ChatRequest, reply_id: str, created: int) -> None:
-        def chunk(delta: dict, finish_reason=None, usage=None) -> dict:
-            choices = [] if usage else [{"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}]
-            out = {"id": reply_id, "object": "chat.completion.chunk", "created": created,
-                   "model": self.server.model_name, "choices": choices}  # fmt: skip
-            if request.include_usage:
-                out["usage"] = usage
-            return out
+    def _chat(self) -> None:
+        self._generate(chat=True)
+
+    def _text(self) -> None:
+        self._generate(chat=False)
+
+    def _generate(self, *, chat: bool) -> None:
+        request, prompt_lengths = self.server.build_request(self._read_json(), chat=chat)
+        reply = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", "created": int(time.time()),
+                 "model": self.server.model_name}  # fmt: skip
+        self.server.worker.submit(request)
+        try:
+            if request.stream:
+                self._stream(request, reply, prompt_lengths, chat)
+            else:
+                self._reply(request, reply, prompt_lengths, chat)
+        finally:
+            request.cancelled.set()  # whatever happened, its rows need not run on
+
+    def _reply(self, request: GenerationRequest, reply: dict, prompt_lengths: list[int], chat: bool) -> None:
+        done: dict[int, Completion] = {}
+        while len(done) < len(request.params):
+            choice, kind, value = self._next_event(request)
+            if kind == "error":
+                raise value
+            if kind == "done":
+                done[choice] = value
+        completions = [done[i] for i in range(len(request.params))]
+        choices = [_choice(i, c, self.server.worker.tokenizer, chat) for i, c in enumerate(completions)]
+        reply |= {"object": "chat.completion" if chat else "text_completion", "choices": choices,
+                  "usage": _usage(prompt_lengths, completions)}  # fmt: skip
+        self._send_json(200, reply)
+
+    def _stream(self, request: GenerationRequest, reply: dict, prompt_lengths: list[int], chat: bool) -> None:
+        obj = "chat.completion.chunk" if chat else "text_completion"
+
+        def chunk(choice: int, text: str | None, finish_reason=None, first=False) -> dict:
+            if chat:
+                delta = {"role": "assistant", "content": ""} if first else {} if text is None else {"content": text}
+                c = {"index": choice, "delta": delta, "finish_reason": finish_reason, "logprobs": None}
+            else:
+                c = {"index": choice, "text": text or "", "finish_reason": finish_reason, "logprobs": None}
+            return {**reply, "object": obj, "choices": [c]} | ({"usage": None} if request.include_usage else {})
 
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
@@ -407,24 +270,47 @@ class ChatHandler(BaseHTTPRequestHandler):
         self.send_header("Connection", "close")
         self.end_headers()
         self.close_connection = True
+        done: dict[int, Completion] = {}
         try:
-            self._send_event(chunk({"role": "assistant", "content": ""}))
-            while True:
-                kind, value = request.events.get()
+            if chat:
+                for i in range(len(request.params)):
+                    self._send_event(chunk(i, None, first=True))
+            while len(done) < len(request.params):
+                choice, kind, value = self._next_event(request)
                 if kind == "text":
-                    self._send_event(chunk({"content": value}))
+                    self._send_event(chunk(choice, value))
                 elif kind == "error":
                     self._send_event(value.body())
                     break
                 else:
-                    self._send_event(chunk({}, value.finish_reason))
-                    if request.include_usage:
-                        self._send_event(chunk({}, usage=_usage(value)))
-                    break
+                    done[choice] = value
+                    self._send_event(chunk(choice, None, value.finish_reason))
+            else:
+                if request.include_usage:
+                    completions = [done[i] for i in range(len(request.params))]
+                    usage = _usage(prompt_lengths, completions)
+                    self._send_event({**reply, "object": obj, "choices": [], "usage": usage})
             self.wfile.write(b"data: [DONE]\n\n")
             self.wfile.flush()
-        except OSError:  # the client went away; its row still runs to its end
-            pass
+        except OSError:  # the client went away: its rows end at the next step
+            raise ClientGone from None
+
+    def _next_event(self, request: GenerationRequest) -> tuple:
+        """The request's next result, watching meanwhile whether its client is still there."""
+        while True:
+            try:
+                return request.events.get(timeout=0.25)
+            except queue.Empty:
+                if self._client_gone():
+                    raise ClientGone from None
+
+    def _client_gone(self) -> bool:
+        """True once the client has closed its side (a readable socket with nothing to read)."""
+        try:
+            readable, _, _ = select.select([self.connection], [], [], 0)
+            return bool(readable) and self.connection.recv(1, socket.MSG_PEEK) == b""
+        except (OSError, ValueError):
+            return True
 
     # body and replies
 
@@ -436,21 +322,29 @@ class ChatHandler(BaseHTTPRequestHandler):
         if int(length) > self.server.max_body_bytes:
             self.close_connection = True  # the unread body must not be parsed as the next request
             raise RequestError(413, f"the body is over {self.server.max_body_bytes} bytes", code="body_too_large")
-        raw = self.rfile.read(int(length))
+        self.connection.settimeout(self.server.read_timeout)
         try:
-            body = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise RequestError(400, f"the body is not valid JSON: {e}", code="invalid_json") from None
-        if not isinstance(body, dict):
-            raise RequestError(400, "the body must be a JSON object", code="invalid_json")
-        return body
+            raw = self.rfile.read(int(length))
+        except TimeoutError:
+            raw = b""
+        finally:
+            self.connection.settimeout(self.timeout)
+        if len(raw) < int(length):
+            self.close_connection = True
+            raise RequestError(408, f"the body did not arrive within {self.server.read_timeout:g} s "
+                                    f"({len(raw)} of {length} bytes)", code="request_timeout")  # fmt: skip
+        return parse_body(raw)
 
-    def _send_json(self, status: int, obj: dict) -> None:
+    def _send_json(self, status: int, obj: dict, headers: dict[str, str] | None = None) -> None:
         data = json.dumps(obj, ensure_ascii=False).encode()
         try:
             self.send_response(status)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(data)))
+            for name, value in (headers or {}).items():
+                self.send_header(name, value)
+            if self.close_connection:
+                self.send_header("Connection", "close")
             self.end_headers()
             self.wfile.write(data)
         except OSError:
@@ -461,9 +355,38 @@ class ChatHandler(BaseHTTPRequestHandler):
         self.wfile.flush()
 
 
-def _usage(c: Completion) -> dict:
-    total = c.prompt_tokens + c.completion_tokens
-    return {"prompt_tokens": c.prompt_tokens, "completion_tokens": c.completion_tokens, "total_tokens": total}
+def _choice(index: int, c: Completion, tokenizer, chat: bool) -> dict:
+    if chat:
+        logprobs = None if c.logprobs is None else {"content": [_chat_logprob(lp, tokenizer) for lp in c.logprobs]}
+        message = {"role": "assistant", "content": c.text}
+        return {"index": index, "message": message, "finish_reason": c.finish_reason, "logprobs": logprobs}
+    return {"index": index, "text": c.text, "finish_reason": c.finish_reason,
+            "logprobs": None if c.logprobs is None else _text_logprobs(c, tokenizer)}  # fmt: skip
+
+
+def _token_text(tokenizer, token_id: int) -> str:
+    return tokenizer.decode([token_id], skip_special_tokens=False)
+
+
+def _chat_logprob(lp, tokenizer) -> dict:
+    def entry(token_id: int, logprob: float) -> dict:
+        token = _token_text(tokenizer, token_id)
+        return {"token": token, "logprob": logprob, "bytes": list(token.encode("utf-8"))}
+
+    return entry(lp.token_id, lp.logprob) | {"top_logprobs": [entry(i, v) for i, v in lp.top]}
+
+
+def _text_logprobs(c: Completion, tokenizer) -> dict:
+    tokens = [_token_text(tokenizer, lp.token_id) for lp in c.logprobs]
+    offsets = [sum(len(t) for t in tokens[:i]) for i in range(len(tokens))]
+    return {"tokens": tokens, "token_logprobs": [lp.logprob for lp in c.logprobs],
+            "top_logprobs": [{_token_text(tokenizer, i): v for i, v in lp.top} for lp in c.logprobs],
+            "text_offset": offsets}  # fmt: skip
+
+
+def _usage(prompt_lengths: list[int], completions: list[Completion]) -> dict:
+    prompt, completion = sum(prompt_lengths), sum(c.completion_tokens for c in completions)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
 def make_server(
@@ -481,14 +404,31 @@ def make_server(
     max_new_tokens: int = 512,
     max_total_tokens: int | None = None,
     max_body_bytes: int = 1 << 20,
+    backlog: int = 1024,
+    read_timeout: float = 5.0,
+    request_timeout: float | None = None,
     compile: bool = False,
     verbose: bool = False,
 ) -> ChatServer:
     """A bound ChatServer with its model thread running; call serve_forever(), later close().
 
     max_new_tokens is the reply length when a request names none; max_total_tokens caps
-    prompt + reply (default: the model's max_position_embeddings, at most 8192).
+    prompt + reply (default: the model's max_position_embeddings, at most 8192). backlog
+    is listen()'s queue of connections not yet accepted; max_queue bounds the requests
+    waiting for the model (beyond it: 503); an idle model thread waits batch_window (s)
+    after a first request for more to prefill with. read_timeout (s) bounds the wait for a body,
+    request_timeout (s, None: none) a request's whole run.
     """
+    if api_key is not None and not api_key:
+        raise MiniDPOError("api_key is empty: give a key, or None for no authentication")
+    for name, value in (("max_batch_size", max_batch_size), ("max_queue", max_queue), ("backlog", backlog)):
+        if value < 1:
+            raise MiniDPOError(f"{name} must be >= 1, got {value}")
+    if not 0 <= batch_window < math.inf:
+        raise MiniDPOError(f"batch_window must be a finite number of seconds >= 0, got {batch_window}")
+    for name, value in (("read_timeout", read_timeout), ("request_timeout", request_timeout)):
+        if value is not None and not 0 < value < math.inf:
+            raise MiniDPOError(f"{name} must be a finite number of seconds > 0, got {value}")
     worker = BatchWorker(model, tokenizer, max_batch_size=max_batch_size, batch_window=batch_window,
                          max_queue=max_queue, compile=compile)  # fmt: skip
     if max_total_tokens is None:
@@ -503,6 +443,9 @@ def make_server(
         max_new_tokens=max_new_tokens,
         max_total_tokens=max_total_tokens,
         max_body_bytes=max_body_bytes,
+        backlog=backlog,
+        read_timeout=read_timeout,
+        request_timeout=request_timeout,
         verbose=verbose,
     )
     worker.thread.start()

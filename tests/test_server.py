@@ -73,7 +73,7 @@ def test_same_seed_same_sampled_reply(server):
         (json.dumps({"model": "tiny", "messages": [{"role": "wizard", "content": "hi"}]}).encode(), "messages[0].role"),
         (json.dumps({"model": "tiny", "messages": MESSAGES, "temperature": "hot"}).encode(), "temperature"),
         (json.dumps({"model": "tiny", "messages": MESSAGES, "max_tokens": 1.5}).encode(), "max_tokens"),
-        (json.dumps({"model": "tiny", "messages": MESSAGES, "n": 2}).encode(), "n"),
+        (json.dumps({"model": "tiny", "messages": MESSAGES, "n": 99}).encode(), "n"),
     ],
     ids=["invalid-json", "not-an-object", "messages-type", "unknown-role", "temperature-type", "max-tokens-type", "n"],
 )
