@@ -101,9 +101,11 @@ class LocalModelSource:
         name: str | None = None,
         device: str | None = None,
         dtype=None,
+        quantize: str | None = None,
         **settings: Any,
     ) -> LocalModelSource:
-        """Load an HF-format folder (+ a PEFT-layout adapter) and its tokenizer."""
+        """Load an HF-format folder (+ a PEFT-layout adapter) and its tokenizer; quantize="nf4" holds
+        the base in 4 bits (minidpo.quant) and adds "+nf4" to the default name."""
         import torch
 
         from minidpo.checkpoint import load_model
@@ -113,12 +115,12 @@ class LocalModelSource:
 
         device = resolve_device(device)
         dtype = dtype or (torch.bfloat16 if str(device).startswith("cuda") else torch.float32)
-        model, _ = load_model(model_dir, dtype=dtype, device=device)
+        model, _ = load_model(model_dir, dtype=dtype, device=device, quantize=quantize)
         if adapter is not None:
             load_adapter(model, adapter)
             model.to(device=device, dtype=dtype)
         tokenizer = load_tokenizer(model_dir)
-        default_name = Path(model_dir).name + (f"+{Path(adapter).name}" if adapter else "")
+        default_name = Path(model_dir).name + (f"+{Path(adapter).name}" if adapter else "") + (f"+{quantize}" if quantize else "")
         return cls(model, tokenizer, name=name or default_name, model_path=str(model_dir),
                    adapter_path=str(adapter) if adapter else None, **settings)
 

@@ -137,9 +137,10 @@ def run_demo(
     judge_endpoint: str | None = None,
     judge_model: str | None = None,
     settings: DemoSettings | None = None,
+    quantize: str | None = None,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
-    """Run the demo into `out`; return what demo.json holds."""
+    """Run the demo into `out`; return what demo.json holds. quantize="nf4": QLoRA, every model in 4-bit NF4."""
     import torch
 
     from minidpo.checkpoint import load_model, merge_adapter
@@ -177,7 +178,7 @@ def run_demo(
     tokenizer = load_tokenizer(model_dir)
 
     def source(name: str, model_path: Path, adapter: Path | None = None) -> LocalModelSource:
-        model, _ = load_model(model_path, dtype=dtype, device=device)
+        model, _ = load_model(model_path, dtype=dtype, device=device, quantize=quantize)
         if adapter is not None:
             load_adapter(model, adapter)
             model.to(device=device, dtype=dtype)
@@ -194,7 +195,7 @@ def run_demo(
             lora_r=settings.lora_r, lora_alpha=settings.lora_alpha, lora_targets=settings.lora_targets,
             lr=lr, warmup_steps=max(1, steps // 10), batch_size=settings.batch_size, grad_accum=settings.grad_accum,
             max_steps=steps, max_length=settings.max_length, max_prompt_length=settings.max_prompt_length,
-            device=device, save_every=max(1, steps // 4), resume=(out / stage).exists(), **loss,
+            device=device, save_every=max(1, steps // 4), resume=(out / stage).exists(), quantize=quantize, **loss,
         )
 
     log("demo: evaluating the base model")
@@ -210,7 +211,7 @@ def run_demo(
         sft_train = sft.train
         policy_base = out / "sft_model"
         if not (policy_base / "config.json").is_file():
-            merge_adapter(model_dir, sft.output, policy_base)
+            merge_adapter(model_dir, sft.output, policy_base, quantize=quantize)
         sources.append(source("sft", policy_base))
         t = lap("sft", t)
 

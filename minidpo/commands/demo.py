@@ -1,5 +1,7 @@
 """minidpo demo: the embedded default end to end (see minidpo/demo.py)."""
 
+from minidpo.commands import add_quantize_argument
+
 HELP = "the LibraChem method end to end on the default model: evaluate, SFT then DPO with LoRA, evaluate again"
 
 
@@ -10,10 +12,11 @@ def add_arguments(p):
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--judge-endpoint", default=None, help="OpenAI-compatible URL of an LLM judge (hybrid scoring)")
     p.add_argument("--judge-model", default=None, help="the judge's model name")
+    add_quantize_argument(p)
 
 
 def run(args):
     from minidpo.demo import run_demo
 
     run_demo(args.out, quick=args.quick, model_dir=args.model, device=args.device,
-             judge_endpoint=args.judge_endpoint, judge_model=args.judge_model)
+             judge_endpoint=args.judge_endpoint, judge_model=args.judge_model, quantize=args.quantize)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from minidpo.commands import add_quantize_argument
 from minidpo.errors import MiniDPOError
 
 HELP = ("score safety, utility, over-refusal and correctness of models or endpoints (rule + LLM judge); "
@@ -24,7 +25,7 @@ HELP = ("score safety, utility, over-refusal and correctness of models or endpoi
 # answering settings: their defaults, and the flags --like takes from demo.json instead
 DEFAULTS = {"max_new_tokens": 256, "temperature": 0.0, "seed": 0, "batch_size": 8}
 LIKE_EXCLUDES = ("model", "adapter", "with_base", "endpoint", "model_name", "name", "data", "base_model", "base_adapter",
-                 "max_new_tokens", "temperature", "seed", "batch_size", "chat_format", "system")
+                 "max_new_tokens", "temperature", "seed", "batch_size", "chat_format", "system", "quantize")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -59,6 +60,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--device", help="local model: cuda, cpu, ... (default: cuda when available)")
     g.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
                    help="local model weights (default bfloat16 on CUDA, float32 on CPU)")
+    add_quantize_argument(g)
     g.add_argument("--api-key-env", default="OPENAI_API_KEY", help="environment variable with --endpoint's key")
     g.add_argument("--no-progress", action="store_true", help="no progress bars (one summary line per stage stays)")
 
@@ -109,14 +111,14 @@ def build_sources(args: argparse.Namespace) -> list:
                 "system": args.system}
     for adapter in local:
         sources.append(LocalModelSource.from_dir(args.model, adapter, name=next(names), device=args.device,
-                                                 dtype=_dtype(args), **settings))
+                                                 dtype=_dtype(args), quantize=args.quantize, **settings))
     for model_name in args.model_name:
         sources.append(EndpointSource(_client(args.endpoint, model_name, args.api_key_env, args), name=next(names),
                                       max_tokens=args.max_new_tokens, temperature=args.temperature,
                                       system=args.system))
     if args.base_model:
         sources.append(LocalModelSource.from_dir(args.base_model, args.base_adapter, name="base", device=args.device,
-                                                 dtype=_dtype(args), **settings))
+                                                 dtype=_dtype(args), quantize=args.quantize, **settings))
     return sources
 
 

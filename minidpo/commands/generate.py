@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import sys
 
+from minidpo.commands import add_quantize_argument
+
 HELP = "complete prompts with a local model (each wrapped in its chat format unless --raw)"
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -19,6 +21,7 @@ def add_model_arguments(parser) -> None:
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N (default: cuda when available)")
     parser.add_argument("--dtype", default="auto", choices=DTYPES, help="weights (default: bfloat16 on CUDA, else float32)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the decode step (CUDA)")
+    add_quantize_argument(parser)
 
 
 def add_sampling_arguments(parser, *, temperature: float, max_new_tokens: int) -> None:
@@ -33,7 +36,11 @@ def add_sampling_arguments(parser, *, temperature: float, max_new_tokens: int) -
 
 
 def load_for_inference(args):
-    """(model, tokenizer) from --model/--adapter/--chat-format/--device/--dtype, ready to generate."""
+    """(model, tokenizer) from --model/--adapter/--chat-format/--device/--dtype/--quantize, ready to generate.
+
+    The adapter is merged into the weights, except on a quantized base: there it stays a LoRA
+    beside the 4-bit layers, which keeps the memory saving.
+    """
     import torch
 
     from minidpo.checkpoint import load_model
@@ -43,12 +50,13 @@ def load_for_inference(args):
     device = resolve_device(args.device)
     dtype_name = args.dtype if args.dtype != "auto" else ("bfloat16" if device.type == "cuda" else "float32")
     tokenizer = load_tokenizer(args.model, chat_format=args.chat_format)
-    model, _ = load_model(args.model, dtype=getattr(torch, dtype_name), device=device)
+    model, _ = load_model(args.model, dtype=getattr(torch, dtype_name), device=device, quantize=args.quantize)
     if args.adapter:
         from minidpo.lora import load_adapter, merge_lora
 
         load_adapter(model, args.adapter)
-        merge_lora(model)
+        if not args.quantize:
+            merge_lora(model)
     return model, tokenizer
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from minidpo.commands import add_quantize_argument
+
 HELP = "align a model with DPO (LoRA by default) on prompt/chosen/rejected JSONL"
 
 
@@ -31,6 +33,7 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--lora-dropout", type=float, default=d.lora_dropout, help=f"(default {d.lora_dropout})")
     g.add_argument("--lora-targets", default=d.lora_targets, help=f'comma-separated layer names or "all-linear" (default {d.lora_targets})')
     g.add_argument("--rslora", action="store_true", help="scale by alpha/sqrt(r) (rsLoRA)")
+    add_quantize_argument(g)
     g = parser.add_argument_group("data")
     g.add_argument("--chat-format", help="chatml, llama3, llama2, mistral, plain (LibraChem's Question/Answer), smollm2, qwen2; default: from the tokenizer")
     g.add_argument("--system", help="system prompt for every example")
