@@ -104,7 +104,8 @@ class Trainer(NamedTuple):
     logps_via: str
 
 
-def build_minidpo(ctx: Context, config) -> Trainer:
+def build_minidpo(ctx: Context, config, quantize: str | None = None) -> Trainer:
+    """minidpo's step; quantize="nf4" puts the frozen base in NF4 first (QLoRA, benchmarks/quant.py)."""
     from minidpo.logprobs import sequence_logprobs
     from minidpo.lora import LoRAConfig, adapters_disabled, apply_lora
     from minidpo.losses import dpo_loss
@@ -112,6 +113,10 @@ def build_minidpo(ctx: Context, config) -> Trainer:
 
     with default_dtype(ctx.dtype), ctx.device:
         model = LlamaForCausalLM(config)
+    if quantize:
+        from minidpo.quant import quantize_model
+
+        quantize_model(model)
     apply_lora(model, LoRAConfig(r=LORA["r"], alpha=LORA["alpha"], dropout=LORA["dropout"],
                                  target_modules=LORA["targets"]))
     model.train()
