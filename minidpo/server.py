@@ -50,6 +50,7 @@ from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from minidpo.errors import MiniDPOError
+from minidpo.guided import TokenTexts
 from minidpo.sampler import Completion
 from minidpo.server_requests import (
     RequestError,
@@ -59,6 +60,7 @@ from minidpo.server_requests import (
     invalid,
     max_tokens,
     parse_body,
+    parse_constraint,
     parse_logprobs,
     parse_messages,
     parse_prompts,
@@ -102,6 +104,15 @@ class ChatServer(ThreadingHTTPServer):
         self.read_timeout, self.request_timeout, self.verbose = read_timeout, request_timeout, verbose
         self.created = int(time.time())
         self.serving = False
+        self._token_texts: TokenTexts | None = None
+        self._token_texts_lock = threading.Lock()
+
+    def token_texts(self) -> TokenTexts:
+        """Every token's text, for guided decoding (computed at the first guided request)."""
+        with self._token_texts_lock:
+            if self._token_texts is None:
+                self._token_texts = TokenTexts(self.worker.tokenizer)
+            return self._token_texts
 
     def serve_forever(self, poll_interval: float = 0.5) -> None:
         self.serving = True
@@ -149,7 +160,8 @@ class ChatServer(ThreadingHTTPServer):
             max_tokens(body, len(p), context=self.max_total_tokens, default=self.max_new_tokens) for p in ids
         )
         stop = (*(self.chat_format.stop_strings if chat else ()), *parse_stop(body))
-        params = row_params(body, n=n, max_tokens=budget, stop=stop, logprobs=parse_logprobs(body, chat=chat))
+        params = row_params(body, n=n, max_tokens=budget, stop=stop, logprobs=parse_logprobs(body, chat=chat),
+                            constraint=parse_constraint(body, self.token_texts))  # fmt: skip
         deadline = None if self.request_timeout is None else time.monotonic() + self.request_timeout
         request = GenerationRequest([p for p in ids for _ in range(n)], params * len(prompts), stream,
                                     boolean(options, "include_usage"), deadline)  # fmt: skip

@@ -8,6 +8,8 @@ refusal is a RequestError that the server sends as OpenAI's error object,
   bounded nesting), a JSON object;
 - text fields (messages' content, prompt, stop, guided_choice): strings that are valid
   Unicode (no unpaired surrogate such as "\\ud800");
+- guided decoding: guided_choice (strings) or response_format json_object / a flat
+  json_schema (guided.py says which schemas);
 - sampling values: finite and in range (temperature [0, 2], top_p (0, 1], min_p [0, 1],
   top_k -1 or 0 (off) up to 2**31 - 1, repetition_penalty [0.01, 10], seed [0, 2**63 - 1],
   n [1, max_batch_size]), so no row can poison the batch it runs in;
@@ -18,13 +20,16 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 
 from minidpo.errors import MiniDPOError
+from minidpo.guided import ChoiceConstraint, JsonConstraint, TokenTexts
 from minidpo.sampler import SamplingParams
 
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 MAX_INT_DIGITS = 100
 MAX_TOP_LOGPROBS = 20
+MAX_CHOICES = 64
 
 
 class RequestError(Exception):
@@ -184,6 +189,33 @@ def parse_logprobs(body: dict, *, chat: bool) -> int | None:
             raise invalid("'top_logprobs' needs 'logprobs': true", "top_logprobs")
         return None
     return top or 0
+
+
+def parse_constraint(body: dict, token_texts: Callable[[], TokenTexts]):
+    """The guided-decoding constraint that guided_choice or response_format asks for, or None."""
+    choices, fmt = body.get("guided_choice"), body.get("response_format")
+    if choices is not None:
+        if fmt is not None and fmt != {"type": "text"}:
+            raise invalid("give guided_choice or response_format, not both", "guided_choice")
+        if not isinstance(choices, list) or not 0 < len(choices) <= MAX_CHOICES or \
+                not all(isinstance(c, str) and c for c in choices):  # fmt: skip
+            raise invalid(f"'guided_choice' must be a list of 1 to {MAX_CHOICES} non-empty strings", "guided_choice")
+        return ChoiceConstraint(token_texts(), [text(c, "guided_choice") for c in choices])
+    if fmt is None:
+        return None
+    kind = fmt.get("type") if isinstance(fmt, dict) else None
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return JsonConstraint(token_texts())
+    if kind == "json_schema":
+        spec = fmt.get("json_schema")
+        schema = spec.get("schema") if isinstance(spec, dict) else None
+        try:
+            return JsonConstraint(token_texts(), schema)
+        except ValueError as e:
+            raise invalid(f"response_format.json_schema.schema: {e}", "response_format") from None
+    raise invalid("'response_format' must be {'type': 'text' | 'json_object' | 'json_schema', ...}", "response_format")
 
 
 def row_params(body: dict, *, n: int, max_tokens: int, stop: tuple[str, ...], logprobs: int | None,

@@ -1,6 +1,9 @@
 """The sampler's DecodeBatch, as the server drives it: rows join mid-batch, fail or are
 cancelled alone, and each row's tokens equal running it alone."""
 
+import copy
+import dataclasses
+
 import pytest
 import torch
 
@@ -72,13 +75,16 @@ def test_a_cancelled_row_leaves_and_the_others_go_on(model, tok):
 
 def test_min_tokens_and_ignore_eos_fix_the_length(model, tok):
     (prompt,) = prompts_of_lengths(tok, [4], seed=6)
-    eos = sorted(tok.stop_token_ids)
-    # a stop token as an explicit stop id ends the row unless min_tokens holds it back
-    for params, length in [(SamplingParams(max_new_tokens=9, min_tokens=9, stop=tuple(eos)), 9),
-                           (SamplingParams(max_new_tokens=7, ignore_eos=True), 7)]:  # fmt: skip
-        out = alone(model, tok, prompt, params)
-        assert out.completion_tokens == length
-        assert params.ignore_eos or not set(out.token_ids) & set(eos)
+    first = alone(model, tok, prompt, SamplingParams(max_new_tokens=1)).token_ids[0]  # greedy's first token
+    as_stop = SamplingParams(max_new_tokens=9, stop=(first,))
+    assert alone(model, tok, prompt, as_stop).completion_tokens == 1
+    held = alone(model, tok, prompt, dataclasses.replace(as_stop, min_tokens=6))
+    assert held.completion_tokens >= 6 and first not in held.token_ids[:6]
+    eos_tok = copy.copy(tok)
+    eos_tok.stop_token_ids = {first}  # now the tokenizer's own eos
+    assert alone(model, eos_tok, prompt, SamplingParams(max_new_tokens=9)).completion_tokens == 1
+    ignoring = alone(model, eos_tok, prompt, SamplingParams(max_new_tokens=9, ignore_eos=True))
+    assert ignoring.completion_tokens == 9 and ignoring.token_ids[0] == first
 
 
 def test_logprobs_equal_log_softmax_of_a_recompute(model, tok):
