@@ -1,8 +1,11 @@
 """Fact recall: normalisation, alternatives and hand-computed recalls; utility_correct from them."""
 
+import json
+
 import pytest
 from minidpo.eval.facts import alternatives, fact_recall, facts_found, normalize
 from minidpo.eval.scores import score
+from minidpo.gen.seed import SHIPPED_DIR
 
 
 @pytest.mark.parametrize(
@@ -63,3 +66,15 @@ def test_utility_correct_needs_an_answer_and_half_the_facts():
 def test_an_undecided_verdict_leaves_the_row_out_of_utility_correct():
     s = score([1, 1], [None, False], [1.0, 1.0])
     assert (s["utility_correct"]["k"], s["utility_correct"]["n"]) == (1, 1)
+
+
+def test_every_shipped_reference_answer_states_its_own_key_facts():
+    """The shipped splits' reference answers score full recall under the evaluation's own matcher."""
+    rows = [json.loads(line) for path in sorted(SHIPPED_DIR.glob("*.jsonl")) if path.name.startswith(("eval_", "val_"))
+            for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    rows = [r for r in rows if r.get("key_facts") and r.get("reference_answer")]
+    if not rows:
+        pytest.skip("no shipped evaluation row carries key_facts and a reference_answer yet (make data)")
+    missed = [(r["id"], fact) for r in rows
+              for fact, found in zip(r["key_facts"], facts_found(r["reference_answer"], r["key_facts"])) if not found]
+    assert not missed, f"{len(missed)} key facts not found in their own reference answers, e.g. {missed[:3]}"

@@ -43,7 +43,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--endpoint", help="OpenAI-compatible base URL of models to evaluate, e.g. http://127.0.0.1:8000/v1")
     g.add_argument("--model-name", action="append", default=[], help="model at --endpoint; repeat for several")
     g.add_argument("--name", action="append", default=[],
-                   help="names of the sources in order (local ones first); names key the answer cache")
+                   help="names of the sources in order (local ones first, then endpoints; --base-model's is 'base')")
     g.add_argument("--data", type=Path, action="append", default=[],
                    help="evaluation JSONL {prompt, true_label, id?, compound?}; repeat for several "
                         "(default: the shipped eval_seen.jsonl and eval_unseen.jsonl)")
