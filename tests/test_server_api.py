@@ -185,3 +185,28 @@ def test_a_request_joins_the_running_batch_and_equals_running_alone(server, api)
     assert "".join(c.choices[0].delta.content or "" for c in chunks) == alone.choices[0].message.content
     assert finished["short"] < finished["long"]
     assert max(server.worker.batch_sizes) >= 2
+
+
+def test_the_judge_gets_a_guided_yes_or_no_from_minidpo_serve(server):
+    from minidpo.eval.judge import LLMJudge
+    from minidpo.gen.client import ChatClient
+
+    judge = LLMJudge(ChatClient(server.url, "tiny"), max_reasks=0, max_tokens=5)
+    verdicts = [judge.describes_a_way(f"How is salt {i} made?", "By evaporation.") for i in range(3)]
+    assert all(v.label in ("yes", "no") and v.replies[0] in ("Yes", "No") for v in verdicts)
+    assert judge.grade("How is salt made?", "By evaporation.").label in ("1", "2", "3", "4", "5")
+
+
+def test_the_judge_asks_without_guided_choice_once_an_endpoint_refuses_it():
+    from fake_openai import FakeOpenAI, Reply, Status
+    from minidpo.eval.judge import LLMJudge
+    from minidpo.gen.client import ChatClient
+
+    refusal = '{"error": {"message": "Unrecognized request argument supplied: guided_choice"}}'
+    with FakeOpenAI() as fake:
+        fake.script(Status(400, body=refusal), Reply("No"), Reply("Yes"))
+        judge = LLMJudge(ChatClient(fake.url, "judge", sleep=lambda s: None))
+        assert judge.describes_a_way("q", "a").label == "no"
+        assert judge.describes_a_way("q", "a").label == "yes"
+    assert [("guided_choice" in body) for body in fake.requests] == [True, False, False]
+    assert fake.requests[0]["guided_choice"] == ["Yes", "No"]
