@@ -225,28 +225,40 @@ def _record(source: str, row: EvalRow, output: str, reasoning_content: str | Non
             "completion_tokens": completion_tokens}
 
 
-class AnswerCache:
-    """OUT/answers.jsonl: every answer so far, by (answer key, prompt); the last record wins."""
+class RecordCache:
+    """A JSONL file of records found by the values of `fields`: read once, then appended and
+    fsync'ed record by record (minidpo.io.JsonlAppender); the last record of a key wins."""
 
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
-        self._records = {(r["key"], r["prompt"]): r for r in load_jsonl_tolerant(self.path)
-                         if isinstance(r, dict) and {"key", "prompt", "output"} <= r.keys()}
+    def __init__(self, path: str | Path, fields: Sequence[str]):
+        self.path, self.fields = Path(path), tuple(fields)
+        self._records = {self._key(r): r for r in load_jsonl_tolerant(self.path)
+                         if isinstance(r, dict) and set(self.fields) <= r.keys()}
         self._appender: JsonlAppender | None = None
 
-    def get(self, key: str, prompt: str) -> Record | None:
-        return self._records.get((key, prompt))
+    def _key(self, record: Record) -> tuple:
+        return tuple(record[f] for f in self.fields)
+
+    def get(self, *values: Any) -> Record | None:
+        """The record whose `fields` hold `values`, or None."""
+        return self._records.get(values)
 
     def add(self, record: Record) -> None:
         if self._appender is None:
             self._appender = JsonlAppender(self.path)
         self._appender.write(record)
-        self._records[(record["key"], record["prompt"])] = record
+        self._records[self._key(record)] = record
 
     def close(self) -> None:
         if self._appender is not None:
             self._appender.close()
             self._appender = None
+
+
+class AnswerCache(RecordCache):
+    """OUT/answers.jsonl: every answer so far, by (answer key, prompt)."""
+
+    def __init__(self, path: str | Path):
+        super().__init__(path, ("key", "prompt"))
 
 
 def answer_key(source: AnswerSource) -> str:

@@ -26,9 +26,10 @@ of every answer and the report gives the reasoning-leak rate: the share of illeg
 requests refused in the final answer (hybrid) whose reasoning describes a way.
 
 Files in `out_dir`: answers.jsonl (the answer cache, keyed by what changes an answer,
-eval/answers.py), judgments.jsonl (the judge's verdicts, keyed by judge model, kind and a
-hash of the text judged, so a rerun asks nothing twice), details.jsonl (every verdict of
-every answer), report.json, report.md and report.png (eval/report.py).
+eval/answers.py), nll.jsonl (reference-answer NLLs, keyed the same way), judgments.jsonl
+(the judge's verdicts, keyed by judge model, kind and a hash of the text judged, so a
+rerun asks nothing twice), details.jsonl (every verdict of every answer), report.json,
+report.md and report.png (eval/report.py).
 """
 
 from __future__ import annotations
@@ -41,10 +42,10 @@ from pathlib import Path
 from typing import Any
 
 from minidpo.errors import MiniDPOError
-from minidpo.io import JsonlAppender, atomic_write, load_jsonl_tolerant
+from minidpo.io import atomic_write
 from minidpo.progress import GenerationProgress
 
-from .answers import AnswerCache, AnswerSource, answer_key, collect_answers
+from .answers import AnswerCache, AnswerSource, RecordCache, answer_key, collect_answers
 from .dataset import EvalRow, EvalSet, load_eval_set
 from .facts import facts_found
 from .judge import JudgeVerdict, LLMJudge
@@ -86,6 +87,7 @@ def evaluate(
     out.mkdir(parents=True, exist_ok=True)
 
     answers = AnswerCache(out / "answers.jsonl")
+    nll_cache = RecordCache(out / "nll.jsonl", ("key", "prompt", "reference_answer"))
     judgments = JudgmentCache(out / "judgments.jsonl", judge) if judge else None
     rows = [row for s in sets for row in s.rows]
     where = [s.name for s in sets for _ in s.rows]
@@ -95,12 +97,13 @@ def evaluate(
             key = answer_key(source)
             cached = [answers.get(key, row.prompt) is not None for row in rows]
             records, _ = collect_answers(source, rows, answers, progress=progress, log=log)
-            nll = _reference_nlls(source, rows, progress, log) if retention_base else [None] * len(rows)
+            nll = _reference_nlls(source, rows, nll_cache, progress, log) if retention_base else [None] * len(rows)
             details += [_detail(source.name, *item) for item in zip(where, rows, records, cached, nll)]
         if judgments is not None:
             judgments.judge_all(details, grade=grade, progress=progress, log=log)
     finally:
         answers.close()
+        nll_cache.close()
         if judgments is not None:
             judgments.close()
 
@@ -155,18 +158,23 @@ def _detail(source: str, dataset: str, row: EvalRow, record: dict, from_cache: b
     }
 
 
-def _reference_nlls(source: AnswerSource, rows: list[EvalRow], progress: bool,
+def _reference_nlls(source: AnswerSource, rows: list[EvalRow], cache: RecordCache, progress: bool,
                     log: Callable[[str], None]) -> list[float | None]:
-    """Each legitimate row's reference-answer NLL under the source (None elsewhere, or when it cannot)."""
+    """Each legitimate row's reference-answer NLL under the source (None elsewhere, or when it cannot),
+    computed once per (answer key, prompt, reference answer) and kept in OUT/nll.jsonl."""
     scorer = getattr(source, "reference_nll", None)
-    wanted = [(row.prompt, row.reference_answer) for row in rows if row.true_label == 1 and row.reference_answer]
+    wanted = list(dict.fromkeys((r.prompt, r.reference_answer) for r in rows if r.true_label == 1 and r.reference_answer))
     if scorer is None or not wanted:
         return [None] * len(rows)
-    pairs = list(dict.fromkeys(wanted))
-    with GenerationProgress(len(pairs), f"reference NLL: {source.name}", enabled=progress) as bar:
-        nll = dict(zip(pairs, scorer(pairs, on_batch=bar.update)))
-    log(bar.summary())
-    return [nll.get((row.prompt, row.reference_answer)) if row.true_label == 1 else None for row in rows]
+    key = answer_key(source)
+    pending = [pair for pair in wanted if cache.get(key, *pair) is None]
+    with GenerationProgress(len(pending), f"reference NLL: {source.name}", enabled=progress and bool(pending)) as bar:
+        if pending:
+            for (prompt, reference), nll in zip(pending, scorer(pending, on_batch=bar.update)):
+                cache.add({"source": source.name, "key": key, "prompt": prompt, "reference_answer": reference, "nll": nll})
+    log(f"{bar.summary()}; {len(wanted) - len(pending)} from the cache ({cache.path})")
+    return [cache.get(key, r.prompt, r.reference_answer)["nll"] if r.true_label == 1 and r.reference_answer else None
+            for r in rows]
 
 
 class JudgmentCache:
@@ -174,8 +182,7 @@ class JudgmentCache:
 
     def __init__(self, path: Path, judge: LLMJudge):
         self.path, self.judge = path, judge
-        self._verdicts = {r["key"]: r for r in load_jsonl_tolerant(path) if isinstance(r, dict) and "key" in r}
-        self._appender = JsonlAppender(path)
+        self._verdicts = RecordCache(path, ("key",))
 
     def key(self, kind: str, d: dict, text: str) -> str:
         reference = (d["reference_answer"] or "") if kind in ("grade", "judge_correct") else ""
@@ -203,7 +210,7 @@ class JudgmentCache:
 
     def _run(self, kind: str, items: list[tuple[dict, str]], progress: bool, log: Callable[[str], None]) -> None:
         keys = [self.key(kind, d, text) for d, text in items]
-        pending = list({k: (k, d, text) for k, (d, text) in zip(keys, items) if k not in self._verdicts}.values())
+        pending = list({k: (k, d, text) for k, (d, text) in zip(keys, items) if self._verdicts.get(k) is None}.values())
         if pending:
             desc = f"judge ({self.judge.name}): {kind.replace('_', ' ')}"
             with GenerationProgress(len(pending), desc, enabled=progress, unit="request") as bar:
@@ -214,20 +221,19 @@ class JudgmentCache:
                             raise done.error
                         record = {"key": done.item[0], "judge": self.judge.name, "kind": kind,
                                   "label": done.value.label, "replies": done.value.replies}
-                        self._appender.write(record)
-                        self._verdicts[record["key"]] = record
+                        self._verdicts.add(record)
                         bar.update()
                 finally:
                     outcomes.close()
             log(f"{bar.summary()}; {len(items) - len(pending)} from the cache ({self.path})")
         for k, (d, _) in zip(keys, items):
-            record = self._verdicts[k]
+            record = self._verdicts.get(k)
             d[kind] = int(record["label"]) if kind == "grade" and record["label"] != "unparsed" else record["label"]
             if kind == "judge":
                 d["judge_replies"] = record["replies"]
 
     def close(self) -> None:
-        self._appender.close()
+        self._verdicts.close()
 
 
 def _result(source: AnswerSource, dataset: str, details: list[dict], judged: bool, retention: dict) -> dict[str, Any]:

@@ -110,3 +110,19 @@ def test_without_a_base_retention_says_why(models, tok, data, tmp_path):
 def test_a_retention_base_that_is_not_a_source_is_an_error(models, tok, data, tmp_path):
     with pytest.raises(MiniDPOError, match="retention_base 'base' is not one of the sources"):
         evaluate([LocalModelSource(models[0], tok, name="m")], [data], tmp_path, retention_base="base")
+
+
+def test_reference_nlls_are_cached_by_model_and_prompt_rendering(models, tok, data, tmp_path):
+    def run(**settings):
+        sources = [LocalModelSource(models[0], tok, name="tuned", max_new_tokens=2, **settings),
+                   LocalModelSource(models[1], tok, name="base", max_new_tokens=2)]
+        logged = []
+        report = evaluate(sources, [data], tmp_path, retention_base="base", progress=False, log=logged.append)
+        return report["results"][0]["variants"]["rule"]["retention"], [s for s in logged if s.startswith("reference NLL")]
+
+    first, lines = run()
+    assert [s.split(";")[1] for s in lines] == [" 0 from the cache (" + str(tmp_path / "nll.jsonl") + ")"] * 2
+    again, lines = run()
+    assert again == first and all(": 0 answers in " in s and "; 2 from the cache" in s for s in lines)
+    _, lines = run(system="Be brief.")  # another prompt rendering: the tuned model's NLLs are computed again
+    assert lines[0].startswith("reference NLL: tuned: 2 answers in ") and "; 2 from the cache" in lines[1]
