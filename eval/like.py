@@ -7,13 +7,15 @@
                 "final": {"model": DIR, "adapter": DIR or null}},
      "eval_sets": {"unseen phrasings": PATH, ...},          # split label -> evaluation JSONL
      "settings": {"max_new_tokens": int, "eval_batch_size": int, ...},
-     "chat_format": NAME or null, "system_prompt": STR or null}
+     "chat_format": NAME or null, "system_prompt": STR or null, "quantize": "nf4" or null (optional)}
 
 `read_demo_run` checks it (one line naming the key for anything missing or mistyped) and
 `like_sources` loads models.final as the source "final" and, when present, models.base as
-"base", the retention base, with the demo's token limit, batch size, chat format and
-system prompt (greedy unless settings hold a temperature). The splits keep their labels as
-set names. Relative paths are read from the current folder, or failing that from the demo
+"base", the retention base, with the demo's token limit, batch size, chat format, system
+prompt and quantization (greedy unless settings hold a temperature). A chat_format that
+names the tokenizer's own format means that format as detected from its template, default
+system prompt included (SmolLM2's template adds one that the bare "chatml" lacks), since
+that is what the demo used. The splits keep their labels as set names. Relative paths are read from the current folder, or failing that from the demo
 folder, so a run folder that was moved still works.
 """
 
@@ -47,6 +49,7 @@ class DemoRun:
     seed: int
     chat_format: str | None
     system: str | None
+    quantize: str | None
 
 
 def read_demo_run(folder: str | Path) -> DemoRun:
@@ -77,16 +80,22 @@ def read_demo_run(folder: str | Path) -> DemoRun:
         seed=seed or 0,
         chat_format=check.get(data, "chat_format", str, required=False),
         system=check.get(data, "system_prompt", str, required=False),
+        quantize=check.get(data, "quantize", str, required=False),
     )
 
 
 def like_sources(run: DemoRun, *, device: str | None = None, dtype=None) -> list[LocalModelSource]:
     """The demo's final model ("final") and its base ("base", when recorded), loaded with the demo's settings."""
     settings = {"batch_size": run.batch_size, "max_new_tokens": run.max_new_tokens, "temperature": run.temperature,
-                "seed": run.seed, "chat_format": run.chat_format, "system": run.system}
-    models = {"final": run.final, **({"base": run.base} if run.base else {})}
-    return [LocalModelSource.from_dir(m.model, m.adapter, name=name, device=device, dtype=dtype, **settings)
-            for name, m in models.items()]
+                "seed": run.seed, "system": run.system}
+    sources = []
+    for name, m in {"final": run.final, **({"base": run.base} if run.base else {})}.items():
+        source = LocalModelSource.from_dir(m.model, m.adapter, name=name, device=device, dtype=dtype,
+                                           quantize=run.quantize, **settings)
+        if run.chat_format not in (None, source.chat_format.name):
+            source.chat_format = source.tokenizer.make_chat_format(run.chat_format)
+        sources.append(source)
+    return sources
 
 
 class _Checker:

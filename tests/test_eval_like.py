@@ -17,14 +17,24 @@ ROWS = [
 ]
 
 
+# SmolLM2's kind of template: ChatML that adds a default system prompt, which the bare "chatml" lacks
+TEMPLATE = ("{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+            "{{ '<|im_start|>system\nYou are a tiny test model.<|im_end|>\n' }}{% endif %}"
+            "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}"
+            "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+
+
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
-    """A fake demo output folder: a tiny model, an adapter, one split, demo.json with relative paths."""
+    """A fake demo output folder: a tiny model with a chat template, an adapter, one split, demo.json
+    with relative paths and the name of the tokenizer's own chat format (as the demo records it)."""
     from minidpo.checkpoint import load_model
     from minidpo.lora import LoRAConfig, apply_lora, lora_layers, save_adapter
 
     run = tmp_path_factory.mktemp("demo")
     model_dir = tiny_model_folder(run / "tiny")
+    config = json.loads((model_dir / "tokenizer_config.json").read_text())
+    (model_dir / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": TEMPLATE}))
     model, _ = load_model(model_dir)
     apply_lora(model, LoRAConfig(r=2))
     with torch.no_grad():
@@ -64,11 +74,11 @@ def test_like_reproduces_the_answers_of_the_same_evaluation_given_by_flags(demo_
     out = tmp_path / "out"
     assert main(["eval", "--model", str(model_dir), "--adapter", str(run / "dpo" / "adapter"), "--name", "final",
                  "--base-model", str(model_dir), "--data", str(run / "data" / "eval_seen.jsonl"),
-                 "--max-new-tokens", "3", "--batch-size", "2", "--chat-format", "chatml", "--out", str(out),
-                 "--no-progress"]) == 0
+                 "--max-new-tokens", "3", "--batch-size", "2", "--out", str(out), "--no-progress"]) == 0
     assert main(["eval", "--like", str(run), "--out", str(out), "--no-progress"]) == 0
     report = json.loads((out / "report.json").read_text())
-    assert report["cache"]["from_cache"] == report["cache"]["answers"] == 6  # every answer: same model, same settings
+    # every answer: the same model and settings, and the template's own format (its default system prompt included)
+    assert report["cache"]["from_cache"] == report["cache"]["answers"] == 6
 
 
 @pytest.mark.parametrize(
