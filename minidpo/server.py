@@ -270,7 +270,9 @@ class ChatHandler(BaseHTTPRequestHandler):
 
         def chunk(choice: int, text: str | None, finish_reason=None, first=False) -> dict:
             if chat:
-                delta = {"role": "assistant", "content": ""} if first else {} if text is None else {"content": text}
+                delta = {"content": text} if text is not None else {}
+                if first:
+                    delta = {"role": "assistant", "content": ""}
                 c = {"index": choice, "delta": delta, "finish_reason": finish_reason, "logprobs": None}
             else:
                 c = {"index": choice, "text": text or "", "finish_reason": finish_reason, "logprobs": None}
