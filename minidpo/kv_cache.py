@@ -76,6 +76,22 @@ class KVCache:
         else:
             self.length += n
 
+    def filled(self) -> int:
+        """Columns written so far (a static cache's position is read back from its device)."""
+        return int(self.position) if self.static else self.length
+
+    def copy_from(self, other: KVCache) -> None:
+        """Take other's first rows and written columns (either layout) into this cache, in
+        place: a static cache's buffers keep their addresses, so a captured graph reads them on."""
+        length, rows = other.filled(), min(self.k[0].shape[0], other.k[0].shape[0])
+        if length > self.max_len:
+            raise ValueError(f"KV cache overflow: {length} positions > max_len {self.max_len}")
+        for mine, theirs in zip((*self.k, *self.v), (*other.k, *other.v)):
+            mine[:rows, :, :length] = theirs[:rows, :, :length]
+        self.length = length
+        if self.static:
+            self.position.fill_(length)
+
     def reset(self) -> None:
         if self.static:
             self.position.zero_()
