@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: test demo lint bench data clean
+.PHONY: test demo lint bench gpu data clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -32,6 +32,10 @@ data: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m benchmarks
+
+# One call on a fresh H100/H200 with the image's python3 (benchmarks/gpu_check.sh says what to carry).
+gpu:
+	bash benchmarks/gpu_check.sh
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache .ruff_cache
