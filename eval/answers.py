@@ -48,6 +48,7 @@ from minidpo.progress import GenerationProgress
 
 from .dataset import EvalRow
 from .fingerprint import model_fingerprint, prompt_fingerprint
+from .retention import reference_nll
 
 Record = dict[str, Any]
 
@@ -134,7 +135,8 @@ class LocalModelSource:
 
     @property
     def fingerprint(self) -> str:
-        """The model's fingerprint as loaded (eval/fingerprint.py), computed once."""
+        """The model's fingerprint as loaded (eval/fingerprint.py), computed once: the model must not
+        change under a source (make a new source after training it further)."""
         if self._fingerprint is None:
             self._fingerprint = model_fingerprint(self.model)
         return self._fingerprint
@@ -149,8 +151,6 @@ class LocalModelSource:
 
     def reference_nll(self, pairs: Sequence[tuple[str, str]], on_batch: Callable[[int], None] | None = None) -> list[float]:
         """Per-token NLL of each (prompt, reference answer) under this model, prompts rendered as for answers."""
-        from .retention import reference_nll
-
         return reference_nll(self.model, self.tokenizer, self.chat_format, pairs, system=self.system or None,
                              batch_size=self.batch_size, on_batch=on_batch)
 
