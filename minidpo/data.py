@@ -132,10 +132,11 @@ def load_dataset(
 
 @dataclass
 class Batch:
-    """Right-padded sequences: input_ids and labels (N, T); DPO rows are chosen then rejected."""
+    """Right-padded sequences: input_ids and labels (N, T); DPO rows are chosen then rejected.
+    (packing.pack makes the other kind: one packed row and its layout.)"""
 
     input_ids: torch.Tensor  # (N, T) int64
-    labels: torch.Tensor  # (N, T) int64, IGNORE_INDEX on prompt and padding
+    labels: torch.Tensor  # (N, T) int64, IGNORE_INDEX on prompt and padding; packed: a packing.Packing
     keys: list[str]  # one per example (B for a DPO batch of N = 2B rows)
 
     def to(self, device: torch.device | str) -> Batch:

@@ -7,7 +7,7 @@ A pre-norm decoder-only transformer:
     hidden = RMSNorm(x)                       # returned by forward()
     logits = hidden @ W_head^T                # applied by the caller (see below)
 
-- RMSNorm (Zhang & Sennrich 2019): x / sqrt(mean(x^2) + eps) * w, computed in float32.
+- RMSNorm (Zhang & Sennrich 2019): x / sqrt(mean(x^2) + eps) * w, computed in float32 (or float64).
 - RoPE (Su et al. 2021, "rotate-half" layout as in HF): q' = q cos(p f) + rot(q) sin(p f) with
   f_i = theta^(-2i/d); Llama 3.1's "llama3" scaling stretches the low frequencies.
 - Grouped-query attention (Ainslie et al. 2023): n_kv_heads key/value heads, each shared by
@@ -22,15 +22,19 @@ loss feeds (hidden, lm_head.weight) to the fused log-prob kernel and never holds
 Padding: with attention_mask=None the model is plainly causal, which is exact for right
 padding (real tokens never look at later pads). A (B, S) 0/1 mask handles left padding
 (the sampler's layout); positions then count real tokens only (cumsum(mask) - 1).
+Packed rows (minidpo.packing) give attention's own mask instead, with their position_ids:
+a boolean (B, 1, T, S) tensor (True = may attend), or on CUDA a FlexAttention BlockMask.
 """
 
 from __future__ import annotations
 
 import math
+from functools import cache
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention.flex_attention import BlockMask, flex_attention
 from torch.utils.checkpoint import checkpoint
 
 from minidpo.config import ModelConfig
@@ -44,7 +48,7 @@ class RMSNorm(nn.Module):
         self.variance_epsilon = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
+        x32 = x.to(torch.promote_types(x.dtype, torch.float32))  # float32, float64 kept
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
         return self.weight * x32.to(x.dtype)
 
@@ -101,7 +105,7 @@ class Attention(nn.Module):
         x: torch.Tensor,
         cos: torch.Tensor,
         sin: torch.Tensor,
-        mask: torch.Tensor | None,
+        mask: torch.Tensor | BlockMask | None,
         kv_cache: KVCache | None,
     ) -> torch.Tensor:
         B, T, _ = x.shape
@@ -116,6 +120,8 @@ class Attention(nn.Module):
             # Plain causal (or one query over the whole cache): the flash kernels take GQA as is
             # (enable_gqa needs torch >= 2.5, pyproject.toml's floor).
             y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1 and S == T, enable_gqa=True)
+        elif isinstance(mask, BlockMask):  # packed rows on CUDA: blocks without a visible key are skipped
+            y = compiled_flex_attention()(q, k, v, block_mask=mask, enable_gqa=True)  # (B, nh, T, hd)
         else:
             groups = self.n_heads // self.n_kv_heads
             k = k.repeat_interleave(groups, dim=1)  # (B, nh, S, hd)
@@ -123,6 +129,12 @@ class Attention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, nh, T, hd)
         y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, nh*hd)
         return self.o_proj(y)
+
+
+@cache
+def compiled_flex_attention():
+    """FlexAttention through torch.compile (its fused kernel; uncompiled it materializes the scores)."""
+    return torch.compile(flex_attention, dynamic=False)
 
 
 class MLP(nn.Module):
@@ -196,7 +208,10 @@ class LlamaModel(nn.Module):
     def forward(self, input_ids, attention_mask=None, position_ids=None, kv_cache=None):
         B, T = input_ids.shape
         start, S = kv_cache.columns(T) if kv_cache is not None else (0, T)  # first query column, key columns
-        if attention_mask is not None and attention_mask.shape != (B, S):
+        ready = isinstance(attention_mask, BlockMask) or (attention_mask is not None and attention_mask.dim() == 4)
+        if ready and position_ids is None:
+            raise ValueError("an attention mask for attention itself (4-D or a BlockMask) needs position_ids")
+        if attention_mask is not None and not ready and attention_mask.shape != (B, S):
             raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, expected {(B, S)}")
         if position_ids is None:
             if attention_mask is not None:
@@ -205,7 +220,7 @@ class LlamaModel(nn.Module):
                 position_ids = torch.arange(start, S, device=input_ids.device).expand(B, T)  # (B, T)
         x = self.embed_tokens(input_ids)  # (B, T, D)
         cos, sin = self.rope(position_ids, x.dtype)  # (B, T, hd) each
-        mask = attention_mask_4d(attention_mask, start, T, S, self.config.sliding_window, x.device)
+        mask = attention_mask if ready else attention_mask_4d(attention_mask, start, T, S, self.config.sliding_window, x.device)
         checkpointing = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         for layer in self.layers:
             if checkpointing:

@@ -66,13 +66,14 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from minidpo.checkpoint import load_model, save_model
-from minidpo.data import IGNORE_INDEX, Batch, Dataset, batch_order, collate, load_dataset
+from minidpo.data import Batch, Dataset, batch_order, collate, load_dataset
 from minidpo.device import resolve_device
 from minidpo.errors import MiniDPOError, ParameterError
 from minidpo.io import JsonlAppender, atomic_dir, atomic_write, atomic_write_json, load_jsonl_tolerant
 from minidpo.logprobs import sequence_logprobs
 from minidpo.lora import LoRAConfig, apply_lora, save_adapter
 from minidpo.losses import check_loss_options, dpo_loss, is_reference_free, sft_loss
+from minidpo.packing import pack, response_lengths
 from minidpo.quant import check_quantize
 from minidpo.refcache import ReferenceModel, default_cache_dir, fingerprint, precompute_reference_logps
 from minidpo.tokenizer import load_tokenizer
@@ -112,6 +113,7 @@ class TrainConfig:
     max_prompt_length: int = 512
     strict: bool = False
     group_by_length: bool = False
+    packing: bool = False  # each micro-batch one row, pairs sharing their prompt, no padding (minidpo.packing)
     # optimization
     lr: float = 5e-4
     scheduler: str = "cosine"
@@ -136,10 +138,11 @@ class TrainConfig:
     plot: bool = True
 
 
-# Options that may change between a run and its resumption (they do not change the numbers).
+# Options that may change between a run and its resumption: they do not change the numbers
+# (packing: only by float rounding and the dropout draws).
 RESUMABLE_CHANGES = {
     "out", "eval_data", "ref_cache_dir", "device", "eval_every", "eval_batch_size", "save_every",
-    "keep_checkpoints", "resume", "progress", "plot", "strict",
+    "keep_checkpoints", "resume", "progress", "plot", "strict", "packing",
 }
 
 
@@ -176,8 +179,8 @@ class Counts:
 
 
 def count_batches(batches: list[Batch], pairs: bool) -> Counts:
-    chosen = [b.labels[: len(b.keys), 1:] if pairs else b.labels[:, 1:] for b in batches]  # (B, T-1) each
-    return Counts(sum(len(b.keys) for b in batches), sum(int((c != IGNORE_INDEX).sum()) for c in chosen))
+    chosen = [response_lengths(b.labels)[: len(b.keys) if pairs else None] for b in batches]  # (B,) each
+    return Counts(sum(len(b.keys) for b in batches), sum(int(c.sum()) for c in chosen))
 
 
 class MetricSums:
@@ -407,8 +410,10 @@ class Trainer:
         return self.reference.logps(batch.input_ids, batch.labels)  # (2B,)
 
     def collate(self, indices: list[int], data: Dataset | None = None) -> Batch:
-        examples = (data or self.train_data).examples
-        return collate([examples[i] for i in indices], self.pad_id, pairs=self.pairs).to(self.device)
+        examples = [(data or self.train_data).examples[i] for i in indices]
+        if self.config.packing:
+            return pack(examples, pairs=self.pairs).to(self.device)
+        return collate(examples, self.pad_id, pairs=self.pairs).to(self.device)
 
     def batch_loss(self, batch: Batch, split: str, counts: Counts) -> tuple[torch.Tensor, dict]:
         """The batch's share of a loss whose mean spans `counts` (a step's or an eval's), and its metrics."""

@@ -41,6 +41,8 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--max-prompt-length", type=int, default=d.max_prompt_length, help=f"prompt tokens kept, from the end (default {d.max_prompt_length})")
     g.add_argument("--strict", action="store_true", help="a bad data line is fatal (default: skip and count)")
     g.add_argument("--group-by-length", action="store_true", help="batch examples of similar length (less padding)")
+    g.add_argument("--packing", action="store_true",
+                   help="each micro-batch as one row: chosen and rejected share their prompt, no padding (same numbers)")
     g = parser.add_argument_group("optimization")
     g.add_argument("--lr", type=float, default=d.lr, help=f"peak learning rate (default {d.lr:g})")
     g.add_argument("--scheduler", choices=SCHEDULERS, default=d.scheduler, help=f"(default {d.scheduler})")
