@@ -52,6 +52,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import weakref
 from collections.abc import Callable, Hashable, Sequence
 from typing import Protocol
 
@@ -346,9 +347,7 @@ class DecodeBatch:
         B = len(self.rows)
         if self.static_mask is None:  # rows or columns changed: move them into the static cache
             shape = (1 << (B - 1).bit_length(), -(-self.cache.max_len // STATIC_COLUMNS) * STATIC_COLUMNS)
-            if self.static_cache is None or (self.static_cache.k[0].shape[0], self.static_cache.max_len) != shape:
-                self.static_cache = KVCache(self.model.config, *shape, dtype=self.dtype, device=self.device,
-                                            static=True)  # fmt: skip
+            self.static_cache = _static_cache(self.model, shape, self.dtype, self.device)
             self.static_cache.copy_from(self.cache)
             self.static_mask = self.mask.new_zeros(shape)  # (B', S') idle rows see only themselves
             self.static_mask[:B] = 1  # columns past the dynamic cache's are future tokens
@@ -400,6 +399,20 @@ class DecodeBatch:
         length = self.cache.length
         self.cache.realign(shift, width)
         self.mask = _realign_mask(self.mask[:, :length], shift, width)
+
+
+_STATIC_CACHES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> its static KVCache
+
+
+def _static_cache(model, shape: tuple[int, int], dtype: torch.dtype, device: torch.device) -> KVCache:
+    """The model's static cache of `shape` (rows, columns), kept from one batch to the next (one
+    per model, as gpt-fast's setup_caches): a captured CUDA graph then finds its buffers at the
+    same addresses and replays instead of recording again. One static batch per model at a time."""
+    cache = _STATIC_CACHES.get(model)
+    if cache is None or (cache.k[0].shape[0], cache.max_len, cache.k[0].dtype, cache.k[0].device) != (
+        *shape, dtype, torch.device(device)):  # fmt: skip
+        cache = _STATIC_CACHES[model] = KVCache(model.config, *shape, dtype=dtype, device=device, static=True)
+    return cache
 
 
 def _realign_mask(mask: torch.Tensor, shift: int, width: int) -> torch.Tensor:

@@ -127,3 +127,20 @@ def run_joining(model, tok, static: bool):
 def test_static_decode_with_rows_joining_and_leaving_equals_dynamic(tok):
     model = tiny_model(tok.vocab_size, seed=8)
     assert run_joining(model, tok, static=True) == run_joining(model, tok, static=False)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_compiled_decode_on_cuda_replays_cuda_graphs_and_gives_the_eager_tokens(tok):
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    model = tiny_model(tok.vocab_size, seed=9).cuda()  # float32: the same tokens, not only close ones
+    prompts = prompts_of_lengths(tok, [6, 2, 9], seed=4)
+    options = dict(max_new_tokens=20, temperature=0.7, top_p=0.9, seed=2)
+    eager = generate(model, tok, prompts, **options)
+    assert generate(model, tok, prompts, compile=True, **options) == eager
+    assert generate(model, tok, prompts, compile=True, **options) == eager  # replays
+    assert not counters["inductor"]["cudagraph_skips"], dict(counters["inductor"])
+    assert not counters["graph_break"], dict(counters["graph_break"])
