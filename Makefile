@@ -23,12 +23,12 @@ test: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/minidpo demo
 
-# The shipped LibraChem-mini sets, regenerated from the shipped lists (tests check they match).
+# The shipped LibraChem-mini sets, regenerated from the shipped lists and banks (tests check they match).
 SHIPPED := minidpo/data/librachem_mini
 data: $(STAMP)
 	rm -rf build/librachem_mini
 	$(VENV)/bin/minidpo gen all --offline --modes text,smiles -k 6 --out build/librachem_mini --no-progress
-	cd build/librachem_mini && cp train.jsonl test_triplets.jsonl eval_seen.jsonl eval_unseen.jsonl ../../$(SHIPPED)/
+	cd build/librachem_mini && cp train.jsonl test_triplets.jsonl val_*.jsonl eval_*.jsonl ../../$(SHIPPED)/
 
 bench: $(STAMP)
 	$(PY) -m benchmarks

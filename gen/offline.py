@@ -9,7 +9,9 @@ The LibraChem-mini banks (minidpo/data/librachem_mini/, or any folder in that fo
   {category} and {smiles} are filled in.
 For each seed row the k templates of each kind are the first k in stable-hash order of
 (seed, row id, kind, template), filled, then deduplicated, so the choice is fixed by the
-seed and the row alone. The banks are checked on load like LLM output is: every
+seed and the row alone. A text-mode prompt names the compound by its name or, for half
+of the templates of a compound with "aliases" (in stable-hash order), by one of those
+(street, trade or IUPAC names). The banks are checked on load like LLM output is: every
 illegitimate answer must be free of procedure-like text, and every illegitimate rejected
 answer must carry the placeholder.
 """
@@ -24,7 +26,7 @@ from minidpo.errors import MiniDPOError
 from minidpo.io import read_json
 
 from .dedup import dedupe
-from .hashing import stable_hash
+from .hashing import stable_fraction, stable_hash
 from .safety import PROCEDURE_WITHHELD, looks_like_procedure
 from .templates import fill
 
@@ -95,6 +97,13 @@ class OfflineRephraser:
         if not templates:
             raise MiniDPOError(f"the offline banks have no {row['mode']} prompt templates; add some to prompts.json")
         order = sorted(range(len(templates)), key=lambda i: stable_hash(self.seed, row["id"], kind, templates[i]))
-        fields = {"compound": row["compound"], "smiles": row.get("smiles") or "",
-                  "outline": row.get("outline") or "", "category": row["category"]}
-        return dedupe([fill(templates[i], **fields) for i in order], self.similarity, limit=self.k)
+        fields = {"smiles": row.get("smiles") or "", "outline": row.get("outline") or "", "category": row["category"]}
+        filled = [fill(templates[i], **fields, compound=self.name(row, templates[i]) if kind == "prompts" else row["compound"])
+                  for i in order]
+        return dedupe(filled, self.similarity, limit=self.k)
+
+    def name(self, row: dict[str, Any], template: str) -> str:
+        """The compound's name, or for half of the templates (by stable hash) one of its aliases."""
+        aliases = row.get("aliases") or []
+        u = stable_fraction(self.seed, row["id"], "name", template)
+        return aliases[int((u - 0.5) * 2 * len(aliases))] if aliases and u >= 0.5 else row["compound"]

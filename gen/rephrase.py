@@ -91,7 +91,8 @@ def item_problem(text: str, row: dict[str, Any], kind: str) -> str | None:
     if kind == "prompts":
         if row["mode"] == "smiles":
             return None if row["smiles"] in text else f"a request lacks the SMILES {row['smiles']} verbatim"
-        return None if row["compound"].lower() in text.lower() else f"a request does not name {row['compound']}"
+        names = [row["compound"], *(row.get("aliases") or [])]
+        return None if any(n.lower() in text.lower() for n in names) else f"a request does not name {row['compound']}"
     if illegitimate and looks_like_procedure(text):
         return "an answer contains steps, amounts or conditions; give none"
     has_placeholder = PROCEDURE_WITHHELD in text

@@ -6,6 +6,12 @@ literal PROCEDURE_WITHHELD stands where steps would be. `looks_like_procedure` i
 cheap screen applied to every such answer (LLM-written or shipped): text with numbered
 or lettered step lines, "step N" wording, or amounts and conditions with units
 ("50 mL", "80 °C", "2 h") is rejected and the model is asked again.
+
+Text that is not a synthesis answer but names an illegitimate compound (a contrast
+question about sarin's antidote and its answer, gen/families.py) gets two more screens:
+`describes_route` (the answer says what the agent is made from or by what reaction) and
+`requests_preparation` (the question asks how to make, cook or prepare something, so it
+belongs to the synthesis family and is refused there, not answered).
 """
 
 from __future__ import annotations
@@ -21,6 +27,18 @@ _QUANTITY = re.compile(
 )
 
 
+_ROUTE = re.compile(
+    r"\b(?:made|synthesi[sz]ed|prepared|produced|manufactured|obtained)\s+(?:\w+\s+)?(?:from|by\s+\w+ing)\b"
+    r"|\bstarting materials?\b|\breagents?\b|\b(?:its|the|key)\s+precursors?\b",
+    re.IGNORECASE,
+)
+_REQUEST = re.compile(
+    r"\b(?:make|making|synthesi[sz]e|synthesi[sz]ing|prepare|preparing|cook|cooking|manufacture|manufacturing|"
+    r"brew|brewing|recipe|synthesis route)\b",
+    re.IGNORECASE,
+)
+
+
 def looks_like_procedure(text: str) -> bool:
     """True when `text` reads like synthesis instructions rather than prose without steps."""
     return (
@@ -28,3 +46,13 @@ def looks_like_procedure(text: str) -> bool:
         or _STEP_WORD.search(text) is not None
         or len(_QUANTITY.findall(text)) >= 2
     )
+
+
+def describes_route(text: str) -> bool:
+    """True when `text` says how something is made: "made from", "prepared by heating", reagents, precursors."""
+    return _ROUTE.search(text) is not None
+
+
+def requests_preparation(text: str) -> bool:
+    """True when a request uses making words (make, synthesize, prepare, cook, recipe, ...)."""
+    return _REQUEST.search(text) is not None

@@ -3,7 +3,10 @@
 Two lists of compounds, legitimate (aspirin, polyethylene oxide, ...) and illegitimate
 (nerve agents, controlled drugs, explosives), each with a category and, where known, a
 SMILES string; a legitimate compound also carries a brief benign outline of a standard
-preparation. The lists are the shipped LibraChem-mini ones, a user's file in the same
+preparation and 1-3 key facts (the reagents or feedstocks its outline names, gen/facts.py)
+so a correct answer can be told from a templated outline of another compound. Any
+compound may list "aliases" (street, trade or IUPAC names) that rephrasings use in place
+of its name. The lists are the shipped LibraChem-mini ones, a user's file in the same
 format (compounds.jsonl), or proposed by an LLM (gen/prompts/propose_*.txt).
 
 The balanced seed (PAPER.md, phase 1) keeps both classes in a fixed legitimate :
@@ -31,6 +34,7 @@ from minidpo.io import atomic_write, read_jsonl_records
 
 from .client import ChatClient
 from .dedup import normalize
+from .facts import key_facts_problem
 from .hashing import record_id, stable_hash
 from .templates import chat_messages, fill, load_template
 
@@ -47,6 +51,8 @@ class Compound:
     category: str
     smiles: str | None = None
     outline: str | None = None  # legitimate only: a brief benign outline of a standard preparation
+    aliases: tuple[str, ...] = ()  # other names a request may use (street, trade, IUPAC)
+    key_facts: tuple[str, ...] = ()  # legitimate only: what a correct outline names (gen/facts.py)
 
 
 def load_compounds(path: str | Path) -> list[Compound]:
@@ -68,12 +74,22 @@ def load_compounds(path: str | Path) -> list[Compound]:
         outline = row.get("outline")
         if label == "legitimate" and (not isinstance(outline, str) or not outline.strip()):
             raise MiniDPOError(f'{where}: a legitimate compound needs an "outline" (a brief standard preparation)')
-        key = normalize(name)
-        if key in seen:
-            raise MiniDPOError(f"{where}: compound {name!r} repeats line {seen[key]}; keep one")
-        seen[key] = lineno
+        aliases = row.get("aliases", [])
+        if not isinstance(aliases, list) or not all(isinstance(a, str) and a.strip() for a in aliases):
+            raise MiniDPOError(f'{where}: "aliases" must be a list of non-empty strings')
+        facts = row.get("key_facts")
+        if facts is not None:
+            problem = key_facts_problem(facts, outline or "", "the outline") if label == "legitimate" else (
+                '"key_facts" are for legitimate compounds (what their outline names)')
+            if problem:
+                raise MiniDPOError(f"{where}: {problem}")
+        for key in (name, *aliases):
+            if normalize(key) in seen:
+                raise MiniDPOError(f"{where}: name {key!r} repeats line {seen[normalize(key)]}; keep one")
+            seen[normalize(key)] = lineno
         compounds.append(Compound(name, label, row["category"].strip(), smiles and smiles.strip(),
-                                  outline.strip() if label == "legitimate" else None))
+                                  outline.strip() if label == "legitimate" else None,
+                                  tuple(a.strip() for a in aliases), tuple(facts or ())))
     if not compounds:
         raise MiniDPOError(f"{path}: no compounds; add one JSON object a line")
     return compounds
@@ -189,7 +205,8 @@ def build_seed(
         for c in chosen:
             rows.append({
                 "id": record_id(c.name, mode), "compound": c.name, "smiles": c.smiles, "label": c.label,
-                "category": c.category, "outline": c.outline, "mode": mode,
+                "category": c.category, "outline": c.outline, "aliases": list(c.aliases),
+                "key_facts": list(c.key_facts), "mode": mode,
                 "prompt": fill(base, compound=c.name, smiles=c.smiles or ""),
             })
     return rows

@@ -4,7 +4,7 @@ import json
 from collections import Counter
 
 import pytest
-from minidpo.gen.combine import combine, phrasing_key, split_by_compound
+from minidpo.gen.combine import combine, phrasing_key, phrasing_split, split_by_compound
 from minidpo.gen.dedup import dedupe
 from minidpo.gen.offline import OfflineRephraser, load_banks
 from minidpo.gen.rephrase import check_items, rephrased_record
@@ -165,34 +165,63 @@ def test_llm_prompt_items_must_name_the_compound_and_be_distinct():
         check_items({"answers": []}, ILLEGITIMATE_ROW, "prompts", 2, 0.85)
 
 
-def test_split_by_compound_keeps_the_ratio_exactly_on_both_sides():
+def test_split_by_compound_keeps_the_ratio_exactly_on_every_side():
     labels = {f"L{i}": "legitimate" for i in range(10)} | {f"I{i}": "illegitimate" for i in range(20)}
-    test = split_by_compound(labels, 0.2, seed=0)
-    assert Counter(labels[c] for c in test) == {"legitimate": 2, "illegitimate": 4}
-    assert split_by_compound(labels, 0.2, seed=0) == test
-    assert split_by_compound(labels, 0.2, seed=1) != test
+    side = split_by_compound(labels, val_fraction=0.2, test_fraction=0.2, seed=0)
+    counts = Counter((side[c], labels[c]) for c in labels)
+    assert counts == {("test", "legitimate"): 2, ("test", "illegitimate"): 4, ("val", "legitimate"): 2,
+                      ("val", "illegitimate"): 4, ("train", "legitimate"): 6, ("train", "illegitimate"): 12}
+    assert split_by_compound(labels, val_fraction=0.2, test_fraction=0.2, seed=0) == side
+    assert split_by_compound(labels, val_fraction=0.2, test_fraction=0.2, seed=1) != side
 
 
-def test_combine_never_puts_a_compound_on_both_sides(library):
+def test_adding_a_validation_split_leaves_the_test_compounds_unchanged():
+    labels = {f"L{i}": "legitimate" for i in range(10)} | {f"I{i}": "illegitimate" for i in range(20)}
+    without = split_by_compound(labels, val_fraction=0.0, test_fraction=0.2, seed=0)
+    with_val = split_by_compound(labels, val_fraction=0.2, test_fraction=0.2, seed=0)
+    assert {c for c, s in without.items() if s == "test"} == {c for c, s in with_val.items() if s == "test"}
+    assert "val" not in without.values()
+
+
+def test_combine_never_puts_a_compound_on_two_sides(library):
     rows = build_seed(load_compounds(library / "compounds.jsonl"), modes=("text", "smiles"))
-    out = combine(rows, offline_records(library, rows, k=4), test_fraction=0.34)
+    out = combine(rows, offline_records(library, rows, k=6), val_fraction=0.34, test_fraction=0.34)
     train = {t["compound"] for t in out.train}
-    assert train and not train & {t["compound"] for t in out.test_triplets}
-    assert not train & {r["compound"] for r in out.eval_unseen}
-    assert {r["compound"] for r in out.eval_seen} <= train
+    val = {r["compound"] for r in out.evals["val_unseen"]}
+    test = {t["compound"] for t in out.test_triplets}
+    assert train and val and test and not (train & val or train & test or val & test)
+    assert {r["compound"] for r in out.evals["eval_unseen"]} == test
+    assert {r["compound"] for r in out.evals["eval_seen"] + out.evals["val_seen"]} <= train
     counts = out.manifest["counts"]["compounds"]
-    assert (counts["train"]["legitimate"], counts["train"]["illegitimate"]) == (4, 8)
-    assert (counts["test"]["legitimate"], counts["test"]["illegitimate"]) == (2, 4)
+    for side in ("train", "val", "test"):
+        assert (counts[side]["legitimate"], counts[side]["illegitimate"]) == (2, 4)
 
 
 def test_held_out_phrasings_never_appear_in_train(library):
     rows = build_seed(load_compounds(library / "compounds.jsonl"))
-    records = offline_records(library, rows, k=4)
-    out = combine(rows, records, holdout_fraction=0.3)
+    records = offline_records(library, rows, k=8)
+    out = combine(rows, records, holdout_fraction=0.3, val_holdout_fraction=0.3)
     by_compound = {r["compound"]: r for r in records}
-    train_keys = {phrasing_key(t["prompt"], by_compound[t["compound"]]) for t in out.train}
-    seen_keys = {phrasing_key(e["prompt"], by_compound[e["compound"]]) for e in out.eval_seen}
-    assert seen_keys and not seen_keys & train_keys
+
+    def keys(split):
+        return {phrasing_key(e["prompt"], by_compound[e["compound"]]) for e in split}
+
+    train, val, test = keys(out.train), keys(out.evals["val_seen"]), keys(out.evals["eval_seen"])
+    assert val and test and not (train & val or train & test or val & test)
+
+
+def test_phrasing_key_replaces_aliases_so_a_template_is_held_out_for_every_name():
+    record = {"compound": "methamphetamine", "smiles": None, "aliases": ["meth", "crystal meth"]}
+    keys = {phrasing_key(f"What method gives {name}?", record) for name in ("methamphetamine", "Crystal Meth", "meth")}
+    assert keys == {"what method gives compound"}
+    assert len({phrasing_split(f"What method gives {n}?", record, 0.3, 0.3, 0) for n in ("meth", "crystal meth")}) == 1
+
+
+def test_offline_prompts_use_aliases_for_about_half_the_templates(library):
+    rows = build_seed(load_compounds(library / "compounds.jsonl"))
+    row = {**next(r for r in rows if r["compound"] == "aspirin"), "aliases": ["acetylsalicylic acid"]}
+    prompts = OfflineRephraser(load_banks(library), 8)(row).prompts
+    assert 0 < sum("acetylsalicylic acid" in p for p in prompts) < len(prompts)
 
 
 def test_triplets_are_capped_per_compound_and_labelled(library):
@@ -200,8 +229,9 @@ def test_triplets_are_capped_per_compound_and_labelled(library):
     out = combine(rows, offline_records(library, rows, k=3), max_per_compound=5, holdout_fraction=0.0)
     assert max(Counter(t["compound"] for t in out.train).values()) == 5
     assert len({t["id"] for t in out.train}) == len(out.train)
-    for e in out.eval_unseen:
+    for e in out.evals["eval_unseen"]:
         assert e["true_label"] == (1 if "reference_answer" in e else 0)
+        assert e["family"] == "synthesis"
 
 
 def test_combine_refuses_missing_records_unless_allowed(library):

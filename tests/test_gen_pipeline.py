@@ -20,7 +20,8 @@ from tiny_librachem import fake_llm, write_tiny_library
 from minidpo.cli import main
 from minidpo.io import load_jsonl_tolerant, read_jsonl_records
 
-OUTPUTS = ("train.jsonl", "test_triplets.jsonl", "eval_seen.jsonl", "eval_unseen.jsonl", "manifest.json")
+OUTPUTS = ("train.jsonl", "test_triplets.jsonl", "val_seen.jsonl", "val_unseen.jsonl", "eval_seen.jsonl",
+           "eval_unseen.jsonl", "manifest.json")
 
 
 @pytest.fixture
@@ -48,12 +49,13 @@ def test_offline_all_on_the_shipped_data_makes_a_valid_set(tmp_path, capsys):
     assert gen("all", "--offline", "--out", out, "--modes", "text,smiles") == 0
     train = read_jsonl_records(out / "train.jsonl", {"prompt": str, "chosen": str, "rejected": str}, strict=True)
     assert len(train) > 1000
-    for name in ("eval_seen.jsonl", "eval_unseen.jsonl"):
+    for name in ("val_seen.jsonl", "val_unseen.jsonl", "eval_seen.jsonl", "eval_unseen.jsonl"):
         rows = read_jsonl_records(out / name, {"prompt": str, "true_label": int}, strict=True)
         assert rows and {r["true_label"] for _, r in rows} == {0, 1}
     counts = json.loads((out / "manifest.json").read_text())["counts"]
     assert counts["train"]["total"] == len(train)
-    for side in ("train", "test"):
+    assert set(counts["families"]) == {"contrast", "general", "everyday"} & {r["family"] for _, r in train}
+    for side in ("train", "val", "test"):
         assert counts["compounds"][side]["legitimate"] * 2 == counts["compounds"][side]["illegitimate"] > 0
     assert "combine:" in capsys.readouterr().out
 
@@ -225,7 +227,7 @@ def test_one_small_run_against_minidpo_serve(tmp_path, library, capsys):
         # A random tiny model cannot write the JSON asked for: every request still goes over
         # HTTP to the real server, and the banks fill what its replies cannot.
         args = ["--endpoint", server.url, "--model", "tiny", "-k", 1, "--num-compounds", 3, "--max-tokens", 8,
-                "--max-reasks", 0, "--fallback-offline", "--concurrency", 2]
+                "--max-reasks", 0, "--fallback-offline", "--concurrency", 2, "--val-holdout-fraction", 0]
         assert gen("all", "--out", tmp_path / "out", "--data-dir", library, *args) == 0
     assert "usage: 9 requests, 0 retries, 0 re-asks" in capsys.readouterr().out
     records = records_by_id(tmp_path / "out" / "rephrase.jsonl")

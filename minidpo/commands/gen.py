@@ -5,8 +5,10 @@
     minidpo gen rephrase --endpoint URL --model NAME --out data/ --dry-run
 
 All files live in --out: compounds.jsonl (only when proposed by the LLM), seed.jsonl,
-rephrase.jsonl (appended per record; rerun to resume), train.jsonl, test_triplets.jsonl,
-eval_seen.jsonl, eval_unseen.jsonl, manifest.json, and config.json (each phase's settings).
+rephrase.jsonl (appended per record; rerun to resume), train.jsonl (every family),
+test_triplets.jsonl, val_seen/val_unseen/eval_seen/eval_unseen.jsonl (synthesis),
+val_<family>.jsonl and eval_<family>.jsonl for each bank (contrast, general, everyday)
+found in --data-dir, manifest.json, and config.json (each phase's settings).
 The API key is read from the environment variable named by --api-key-env and is never
 printed or written.
 """
@@ -19,7 +21,8 @@ from typing import Any
 
 from minidpo.errors import MiniDPOError
 from minidpo.gen.client import ChatClient
-from minidpo.gen.combine import combine, write_combined
+from minidpo.gen.combine import SYNTHESIS_SETS, combine, write_combined
+from minidpo.gen.families import FAMILIES, load_family_banks
 from minidpo.gen.offline import OfflineRephraser, load_banks
 from minidpo.gen.rephrase import LLMRephraser, pending_rows, read_rephrased, run_rephrase
 from minidpo.gen.seed import (
@@ -44,7 +47,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     common.add_argument("--out", required=True, type=Path, help="folder for every file of the run")
     common.add_argument("--seed", type=int, default=0, help="seed of every deterministic choice (default 0)")
     common.add_argument("--data-dir", type=Path, default=SHIPPED_DIR,
-                        help="folder with compounds.jsonl, prompts.json, answers.json (default: shipped LibraChem-mini)")
+                        help="folder with compounds.jsonl, prompts.json, answers.json and the family banks "
+                             f"({', '.join(f + '.jsonl' for f in FAMILIES)}, each optional) (default: shipped LibraChem-mini)")
     common.add_argument("--prompts-dir", type=Path, help="folder of LLM prompt templates overriding gen/prompts/*.txt")
     common.add_argument("--dry-run", action="store_true", help="print the request count and a token estimate; write nothing")
     common.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -80,8 +84,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     combine_opts = argparse.ArgumentParser(add_help=False)
     g = combine_opts.add_argument_group("combine")
-    g.add_argument("--test-fraction", type=float, default=0.2, help="share of compounds held out as test")
-    g.add_argument("--holdout-fraction", type=float, default=0.25, help="share of phrasings never used in train")
+    g.add_argument("--test-fraction", type=float, default=0.2, help="share of compounds (and family topics) held out as test")
+    g.add_argument("--val-fraction", type=float, default=0.2,
+                   help="share of compounds (and family topics) held out for validation")
+    g.add_argument("--holdout-fraction", type=float, default=0.25, help="share of phrasings held out as test")
+    g.add_argument("--val-holdout-fraction", type=float, default=0.15, help="share of phrasings held out for validation")
     g.add_argument("--max-per-compound", type=int, default=16, help="triplets per compound and mode at most")
     g.add_argument("--allow-incomplete", action="store_true", help="combine even if some rows failed to rephrase")
 
@@ -195,15 +202,26 @@ def run_rephrase_phase(args: argparse.Namespace, rows: list[dict[str, Any]]) -> 
 
 
 def run_combine(args: argparse.Namespace, rows: list[dict[str, Any]]) -> None:
-    result = combine(rows, read_rephrased(args.out / "rephrase.jsonl"), test_fraction=args.test_fraction,
-                     holdout_fraction=args.holdout_fraction, max_per_compound=args.max_per_compound,
-                     seed=args.seed, allow_incomplete=args.allow_incomplete)
+    families = load_family_banks(args.data_dir)
+    result = combine(rows, read_rephrased(args.out / "rephrase.jsonl"), families=families,
+                     val_fraction=args.val_fraction, test_fraction=args.test_fraction,
+                     holdout_fraction=args.holdout_fraction, val_holdout_fraction=args.val_holdout_fraction,
+                     max_per_compound=args.max_per_compound, seed=args.seed, allow_incomplete=args.allow_incomplete)
     config_path = args.out / "config.json"
     write_combined(result, args.out, read_json(config_path) if config_path.exists() else None)
     c = result.manifest["counts"]
-    print(f"combine: {c['train']['total']} train triplets, {c['test_triplets']['total']} test triplets, "
-          f"{c['eval_seen']['total']} eval_seen + {c['eval_unseen']['total']} eval_unseen prompts; "
-          f"compounds train {c['compounds']['train']['total']} / test {c['compounds']['test']['total']} -> {args.out}")
+    compounds = " / ".join(f"{side} {c['compounds'][side]['total']}" for side in ("train", "val", "test"))
+    prompts = ", ".join(f"{name} {c[name]['total']}" for name in SYNTHESIS_SETS)
+    print(f"combine: {c['train']['total']} train pairs ({c['train']['synthesis']['total']} synthesis), "
+          f"{c['test_triplets']['total']} test triplets; synthesis prompts {prompts}; compounds {compounds}")
+    for family, fc in c["families"].items():
+        topics = " / ".join(f"{side} {n}" for side, n in fc["topics"].items())
+        print(f"combine: {family}: topics {topics}; {fc['train_pairs']} train pairs, "
+              f"val_{family} {fc['val']} + eval_{family} {fc['eval']} prompts")
+    absent = [f for f in FAMILIES if f not in c["families"]]
+    if absent:
+        print(f"combine: no {', '.join(f + '.jsonl' for f in absent)} in {args.data_dir}; those families are left out")
+    print(f"combine: -> {args.out}")
 
 
 def check_same_settings(out: Path, records_path: Path, config: dict[str, Any]) -> None:
