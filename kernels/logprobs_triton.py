@@ -26,15 +26,25 @@ Arithmetic is a few flops and one exp per logit, far below the compute ceiling, 
 kernels are bandwidth-bound. Eager PyTorch (log_softmax in float32 + gather) moves at least
 three times as many bytes and keeps an N*V*4-byte float32 tensor for the backward.
 
-Block size and warps below are a first guess, not yet tuned on a GPU.
+Launch settings (BLOCK_V, num_warps): on CUDA the first launch of each kernel for a
+(vocabulary, dtype, device) times every candidate below on TUNE_ROWS rows of random logits of
+that shape (triton.testing.do_bench, median) and keeps the fastest for the process; each row
+is one program, so the time per row, not the row count, decides. Under the interpreter, or
+with block_v given, the fixed first guess is used (default_block_v, _num_warps).
 """
 
+import os
+
+import torch
 import triton
 import triton.language as tl
 
 from .logprobs import RowKernels
 
 MAX_BLOCK_V = 4096
+CANDIDATES = ((1024, 4), (2048, 4), (2048, 8), (4096, 8), (4096, 16), (8192, 16))  # (BLOCK_V, num_warps)
+TUNE_ROWS = 512
+_tuned: dict[tuple, tuple[int, int]] = {}  # (kernel, vocab_size, dtype, device name) -> (BLOCK_V, num_warps)
 
 
 def default_block_v(vocab_size: int) -> int:
@@ -43,6 +53,53 @@ def default_block_v(vocab_size: int) -> int:
 
 def _num_warps(block_v: int) -> int:
     return 8 if block_v >= 2048 else 4
+
+
+def launch_settings(kernel: str, logits: torch.Tensor, block_v: int | None = None) -> tuple[int, int]:
+    """(BLOCK_V, num_warps) for `kernel` ("forward" or "backward") on these logits (R, V)."""
+    vocab_size = logits.shape[1]
+    if block_v is not None or not _tunable(logits):  # given, the interpreter, a graph capture: the first guess
+        block_v = block_v or default_block_v(vocab_size)
+        return block_v, _num_warps(block_v)
+    key = (kernel, vocab_size, logits.dtype, torch.cuda.get_device_name(logits.device))
+    if key not in _tuned:
+        _tuned[key] = _autotune(kernel, vocab_size, logits.dtype, logits.device)
+    return _tuned[key]
+
+
+def _tunable(logits: torch.Tensor) -> bool:
+    interpreted = os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return logits.is_cuda and not interpreted and not torch.cuda.is_current_stream_capturing()
+
+
+def candidates(vocab_size: int) -> list[tuple[int, int]]:
+    """CANDIDATES whose block is not wider than the row needs (the first guess always among them)."""
+    widest = triton.next_power_of_2(vocab_size)
+    kept = [(b, w) for b, w in CANDIDATES if b <= widest]
+    first_guess = (default_block_v(vocab_size), _num_warps(default_block_v(vocab_size)))
+    return kept if first_guess in kept else [first_guess, *kept]
+
+
+def _autotune(kernel: str, vocab_size: int, dtype: torch.dtype, device: torch.device) -> tuple[int, int]:
+    """The fastest candidate on random rows (never zeros: they can run faster than real data)."""
+    from triton.testing import do_bench
+
+    gen = torch.Generator(device=device).manual_seed(0)
+    logits = (torch.randn(TUNE_ROWS, vocab_size, generator=gen, device=device) * 4).to(dtype)  # (R, V)
+    targets = torch.randint(0, vocab_size, (TUNE_ROWS,), generator=gen, device=device)  # (R,)
+    logp, lse = torch.empty(TUNE_ROWS, device=device), torch.empty(TUNE_ROWS, device=device)  # (R,) each
+    grad_logp, grad = torch.randn(TUNE_ROWS, generator=gen, device=device), torch.empty_like(logits)
+    first_guess = default_block_v(vocab_size)
+    _launch_forward(logits, targets, logp, lse, -100, 1.0, first_guess, _num_warps(first_guess))  # lse for backward
+
+    def launch(block_v: int, num_warps: int) -> None:
+        if kernel == "forward":
+            _launch_forward(logits, targets, logp, lse, -100, 1.0, block_v, num_warps)
+        else:
+            _launch_backward(logits, targets, lse, grad_logp, grad, -100, 1.0, block_v, num_warps)
+
+    times = {c: do_bench(lambda c=c: launch(*c), warmup=5, rep=20, return_mode="median") for c in candidates(vocab_size)}
+    return min(times, key=times.get)
 
 
 @triton.jit
@@ -99,27 +156,33 @@ def _token_logprobs_backward_kernel(
 
 def forward_rows(logits, targets, logp_out, lse_out, ignore_index, scale, block_v=None):
     """Launch the forward kernel: logits (R, V) with unit column stride; outputs contiguous (R,)."""
-    n, vocab_size = logits.shape
-    if n == 0:
-        return
-    block_v = block_v or default_block_v(vocab_size)
-    _token_logprobs_forward_kernel[(n,)](
-        logits, targets.contiguous(), logp_out, lse_out,
-        logits.stride(0), vocab_size, ignore_index, scale,
-        BLOCK_V=block_v, num_warps=_num_warps(block_v),
-    )
+    if logits.shape[0]:
+        settings = launch_settings("forward", logits, block_v)
+        _launch_forward(logits, targets, logp_out, lse_out, ignore_index, scale, *settings)
 
 
 def backward_rows(logits, targets, lse, grad_logp, grad_logits_out, ignore_index, scale, block_v=None):
     """Launch the backward kernel; grad_logits_out (R, V) may be `logits` itself."""
+    if logits.shape[0]:
+        settings = launch_settings("backward", logits, block_v)
+        _launch_backward(logits, targets, lse, grad_logp, grad_logits_out, ignore_index, scale, *settings)
+
+
+def _launch_forward(logits, targets, logp_out, lse_out, ignore_index, scale, block_v, num_warps):
     n, vocab_size = logits.shape
-    if n == 0:
-        return
-    block_v = block_v or default_block_v(vocab_size)
+    _token_logprobs_forward_kernel[(n,)](
+        logits, targets.contiguous(), logp_out, lse_out,
+        logits.stride(0), vocab_size, ignore_index, scale,
+        BLOCK_V=block_v, num_warps=num_warps,
+    )
+
+
+def _launch_backward(logits, targets, lse, grad_logp, grad_logits_out, ignore_index, scale, block_v, num_warps):
+    n, vocab_size = logits.shape
     _token_logprobs_backward_kernel[(n,)](
         logits, targets.contiguous(), lse, grad_logp, grad_logits_out,
         logits.stride(0), grad_logits_out.stride(0), vocab_size, ignore_index, scale,
-        BLOCK_V=block_v, num_warps=_num_warps(block_v),
+        BLOCK_V=block_v, num_warps=num_warps,
     )
 
 

@@ -62,9 +62,9 @@ def interpreted_kernels():
 def run_rows(kernels, logits, targets, grad_logp, scale=1.0, block_v=None):
     """Forward then backward through the launchers, every output poisoned with NaN first."""
     n, vocab = logits.shape
-    logp = torch.full((n,), float("nan"))
-    lse = torch.full((n,), float("nan"))
-    grad_logits = torch.full((n, vocab), float("nan"), dtype=logits.dtype)
+    logp = torch.full((n,), float("nan"), device=logits.device)
+    lse = torch.full((n,), float("nan"), device=logits.device)
+    grad_logits = torch.full((n, vocab), float("nan"), dtype=logits.dtype, device=logits.device)
     kernels.forward_rows(logits, targets, logp, lse, -100, scale, block_v=block_v)
     kernels.backward_rows(logits, targets, lse, grad_logp, grad_logits, -100, scale, block_v=block_v)
     return logp, lse, grad_logits
@@ -191,3 +191,90 @@ def test_kernels_compile_for_a_gpu_without_one(monkeypatch):
         "logits_ptr": "*bf16", "targets_ptr": "*i64", "lse_ptr": "*fp32", "grad_logp_ptr": "*fp32",
         "grad_logits_ptr": "*bf16", "stride_logits_row": "i32", "stride_grad_row": "i32", **scalars})
     assert forward.asm["cubin"] and backward.asm["cubin"]
+
+
+# ---- launch settings: the autotune (its logic here, its timings on a GPU below)
+
+
+def test_candidates_are_never_wider_than_the_row_and_include_the_first_guess():
+    assert logprobs_triton.candidates(7) == [(8, 4)]
+    assert logprobs_triton.candidates(1000) == [(1024, 4)]
+    assert logprobs_triton.candidates(128256) == list(logprobs_triton.CANDIDATES)
+
+
+def test_given_block_or_cpu_tensors_use_the_first_guess_without_timing(monkeypatch):
+    monkeypatch.setattr(logprobs_triton, "_autotune", lambda *a: pytest.fail("timed"))
+    assert logprobs_triton.launch_settings("forward", torch.zeros(2, 50257)) == (4096, 8)
+    assert logprobs_triton.launch_settings("backward", torch.zeros(2, 50257), block_v=128) == (128, 4)
+
+
+def test_autotune_keeps_the_fastest_candidate_and_times_each_shape_once(monkeypatch):
+    import triton.testing
+
+    timed = []
+    fake_ms = {(1024, 4): 3.0, (2048, 4): 2.0, (2048, 8): 1.5, (4096, 8): 1.7, (4096, 16): 2.5, (8192, 16): 9.0}
+
+    def fake_bench(fn, **kwargs):
+        fn()  # the launch below records which candidate it was
+        return fake_ms[timed[-1]]
+
+    monkeypatch.setattr(triton.testing, "do_bench", fake_bench)
+    monkeypatch.setattr(logprobs_triton, "_launch_forward", lambda *a: timed.append(a[-2:]))
+    monkeypatch.setattr(logprobs_triton, "_launch_backward", lambda *a: timed.append(a[-2:]))
+    monkeypatch.setattr(logprobs_triton, "_tunable", lambda logits: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "a GPU")
+    monkeypatch.setattr(logprobs_triton, "_tuned", {})
+    logits = torch.zeros(3, 50000, dtype=torch.bfloat16)
+    assert logprobs_triton.launch_settings("backward", logits) == (2048, 8)
+    assert set(timed[1:]) == set(logprobs_triton.candidates(50000))  # after one forward for the lse
+    count = len(timed)
+    assert logprobs_triton.launch_settings("backward", logits[:1]) == (2048, 8)  # cached: no new timing
+    assert len(timed) == count
+    logprobs_triton.launch_settings("forward", logits)  # another kernel: timed on its own
+    assert len(timed) > count
+
+
+# ---- on a GPU: the compiled kernels (python -m pytest -m gpu; benchmarks/gpu_check.sh runs them)
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available() or INTERPRETED, reason="needs CUDA (compiled Triton)")
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("n, vocab, dtype, block_v", CASES + [(5, 128256, torch.bfloat16, None)],
+                         ids=lambda v: str(v).replace("torch.", ""))  # fmt: skip
+def test_cuda_kernels_match_float64(n, vocab, dtype, block_v):
+    logits, targets, grad_logp = make_case(n, vocab, dtype, seed=n + vocab)
+    logp, lse, grad_logits = run_rows(logprobs_triton, logits.cuda(), targets.cuda(), grad_logp.cuda(), block_v=block_v)
+    assert_rel_close(logp.cpu(), logprobs_float64(logits, targets), LOGP_TOL)
+    assert_rel_close(grad_logits.cpu(), oracle_grad(logits, targets, grad_logp), GRAD_TOL[dtype])
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_every_autotune_candidate_computes_the_same_function_on_cuda():
+    logits, targets, grad_logp = make_case(64, 50257, torch.bfloat16, seed=3)
+    logits, targets, grad_logp = logits.cuda(), targets.cuda(), grad_logp.cuda()
+    for block_v, warps in logprobs_triton.candidates(50257):
+        logp, lse = torch.full((64,), float("nan"), device="cuda"), torch.full((64,), float("nan"), device="cuda")
+        grad = torch.full_like(logits, float("nan"))
+        logprobs_triton._launch_forward(logits, targets, logp, lse, -100, 1.0, block_v, warps)
+        logprobs_triton._launch_backward(logits, targets, lse, grad_logp, grad, -100, 1.0, block_v, warps)
+        assert_rel_close(logp.cpu(), logprobs_float64(logits.cpu(), targets.cpu()), LOGP_TOL)
+        assert_rel_close(grad.cpu(), oracle_grad(logits.cpu(), targets.cpu(), grad_logp.cpu()), GRAD_TOL[torch.bfloat16])
+    assert logprobs_triton.launch_settings("forward", logits) in logprobs_triton.candidates(50257)
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_public_functions_run_triton_on_cuda_and_match_the_reference():
+    assert logprobs_module.row_kernels_for(torch.zeros(1, device="cuda")) is logprobs_triton.TRITON_ROWS
+    logits, targets, grad_logp = make_case(37, 1000, torch.bfloat16)
+    x = logits.cuda().requires_grad_()
+    token_logprobs(x, targets.cuda()).backward(grad_logp.cuda())
+    assert_rel_close(x.grad.cpu(), oracle_grad(logits, targets, grad_logp), GRAD_TOL[torch.bfloat16])
+    hidden, weight, targets, grad_logp = linear_case()
+    h, h_ref = hidden.cuda().requires_grad_(), hidden.clone().requires_grad_()
+    linear_token_logprobs(h, weight.cuda(), targets.cuda(), chunk_size=16).backward(grad_logp.cuda())
+    linear_token_logprobs_reference(h_ref, weight, targets, chunk_size=16).backward(grad_logp)
+    assert_rel_close(h.grad.cpu(), h_ref.grad, 1e-4)  # tf32 matmuls on the GPU
