@@ -65,6 +65,7 @@ DATA = REPO / "minidpo" / "data" / "librachem_mini"
 DEFAULT_BUDGET_S = 560  # the device tool stops a command at 600 s
 REPORT_RESERVE_S = 15  # kept back for writing the results
 LOG_TAIL_CHARS = 3000
+OUT_FILES = 8  # the device tool brings back at most this many files from $OUT
 PROMPT = "How is aspirin made?"
 NEW_TOKENS = 24
 
@@ -449,7 +450,9 @@ def write_results(ctx: Context, results: list[Result], started: str) -> Path:
     }
     atomic_write_json(stem.with_suffix(".json"), summary)
     atomic_write(stem.with_suffix(".md"), render_markdown(summary))
-    plot_steps(results, stem.with_suffix(".png"), title=f"gpu_check: {slug}, {started[:10]}")
+    out = os.environ.get("OUT")
+    if not (out and Path(out).resolve() == ctx.results_dir.resolve() and len(list(ctx.results_dir.iterdir())) >= OUT_FILES):
+        plot_steps(results, stem.with_suffix(".png"), title=f"gpu_check: {slug}, {started[:10]}")  # (the md has it all)
     return stem
 
 

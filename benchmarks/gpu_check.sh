@@ -32,10 +32,11 @@ if [ "$dry" = 0 ]; then
       echo "gpu_check: the carried wheels did not install; TRL, Liger and openai rows will say so"
     fi
   fi
-  # minidpo itself (its kernels/ folder installs as minidpo.kernels).
+  # minidpo itself (kernels/, gen/, eval/ install as minidpo.kernels, .gen, .eval); every step
+  # runs `python -m` from this folder. Without setuptools, links in this copy do the same.
   if ! "$PY" -c "import minidpo.kernels" 2>/dev/null; then
     "$PY" -m pip install -q --no-index --no-deps --no-build-isolation -e . \
-      || echo "gpu_check: pip install -e . failed; the steps below will show what that breaks"
+      || for sub in kernels gen eval; do ln -sfn "../$sub" "minidpo/$sub"; done
   fi
 fi
 
