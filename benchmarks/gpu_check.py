@@ -4,7 +4,7 @@
 
     step            at most  what is checked, not only run
     env               20 s   CUDA visible; device, torch/triton and peer versions recorded
-    tests-gpu        100 s   pytest -m gpu over the test files that hold GPU tests (the Triton
+    tests-gpu        120 s   pytest -m gpu over the test files that hold GPU tests (the Triton
                              kernels compiled, not interpreted; the compiled CUDA-graph decode):
                              exit 0, something passed, nothing skipped
     smoke-model       40 s   SmolLM2-135M-Instruct in bf16: the real weights when --model names
@@ -400,7 +400,7 @@ def newest_result(results_dir: Path) -> Path:
 
 STEPS: list[tuple[str, float, Callable[[Context], str]]] = [
     ("env", 20, step_env),
-    ("tests-gpu", 100, step_tests_gpu),
+    ("tests-gpu", 120, step_tests_gpu),
     ("smoke-model", 40, step_smoke_model),
     ("sft", 60, step_sft),
     ("train-lora", 60, step_train_lora),
