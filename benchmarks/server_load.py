@@ -108,6 +108,8 @@ class Client:
         body = {"model": "bench", "messages": [{"role": "user", "content": QUESTION}], "ignore_eos": True,
                 "max_tokens": rng.randint(args.min_tokens, args.max_tokens), "temperature": 0.7,
                 "seed": rng.randrange(2**31), "n": n, "stream": stream}  # fmt: skip
+        if stream:
+            body["stream_options"] = {"include_usage": True}
         if rng.random() < 0.25:
             body |= {"logprobs": True, "top_logprobs": 3}
         kind = "early" if early else "stream" if stream else "plain"
@@ -154,14 +156,14 @@ class Client:
             if "error" in chunk:
                 row["error"] = "stream_error"
                 return
+            if chunk.get("usage"):
+                row["tokens"] = chunk["usage"]["completion_tokens"]
             for choice in chunk["choices"]:
                 if choice["delta"].get("content") and row["ttft_s"] is None:
                     row["ttft_s"] = time.monotonic() - start
                     if early:
                         row["ok"] = True
                         return  # the connection closes: the server must free the rows
-                if choice["delta"].get("content"):
-                    row["tokens"] += 1  # a chunk per decoded piece: about a token
                 finished += choice["finish_reason"] is not None
         row["ok"] = finished == n
         if not row["ok"]:
