@@ -52,6 +52,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import weakref
 from collections.abc import Callable, Hashable, Sequence
 from typing import Protocol
 
@@ -60,6 +61,7 @@ import torch
 from minidpo.kv_cache import KVCache
 
 GREEDY_BELOW = 1e-5  # temperatures below this sample greedily (vLLM's _SAMPLING_EPS)
+STATIC_COLUMNS = 64  # a static decode step's key length is a multiple of this: fewer graphs to compile
 
 
 class TokenConstraint(Protocol):
@@ -158,12 +160,15 @@ def generate(
     stream: StreamCallback | None = None,
     on_finish: FinishCallback | None = None,
     compile: bool = False,
+    static: bool = False,
 ) -> list[Completion]:
     """Complete each prompt (token ids, or text already rendered: see `render_chat`).
 
     Row i samples from a generator seeded `seed + i`. `stream(row, text)` receives text
-    as it is decoded, `on_finish(row, completion)` each row as it ends. `compile` runs
-    the decode step through torch.compile (meant for CUDA; the eager path is the reference).
+    as it is decoded, `on_finish(row, completion)` each row as it ends. `compile` runs the
+    decode step with static shapes through torch.compile(mode="reduce-overhead"), on CUDA
+    one CUDA-graph replay per token; `static` runs that static-shape step eagerly. All give
+    the same tokens (tests/test_static_decode.py).
     """
     stop = (stop,) if isinstance(stop, (str, int)) else tuple(stop)
     params = [
@@ -179,7 +184,8 @@ def generate(
         )
         for i in range(len(prompts))
     ]
-    return generate_rows(model, tokenizer, prompts, params, stream=stream, on_finish=on_finish, compile=compile)
+    return generate_rows(model, tokenizer, prompts, params, stream=stream, on_finish=on_finish,
+                         compile=compile, static=static)  # fmt: skip
 
 
 @torch.inference_mode()
@@ -192,6 +198,7 @@ def generate_rows(
     stream: StreamCallback | None = None,
     on_finish: FinishCallback | None = None,
     compile: bool = False,
+    static: bool = False,
 ) -> list[Completion]:
     """`generate` with each row's own SamplingParams: one DecodeBatch, run until every row ends."""
     if isinstance(prompts, str) or (len(prompts) and isinstance(prompts[0], int)):
@@ -209,7 +216,7 @@ def generate_rows(
     was_training = model.training
     model.eval()  # LoRA dropout off
     try:
-        batch = DecodeBatch(model, tokenizer, stream=stream, on_finish=finished, compile=compile)
+        batch = DecodeBatch(model, tokenizer, stream=stream, on_finish=finished, compile=compile, static=static)
         batch.add(prompt_ids, list(params), list(range(len(prompt_ids))))
         while batch.rows:
             batch.step()
@@ -225,13 +232,25 @@ class DecodeBatch:
     feeds it, `cancel` ends rows early. Each row carries a caller's key, handed back to
     `stream(key, text)` and `on_finish(key, completion)`. Call it under torch.inference_mode()
     with the model in eval mode (generate_rows does both).
+
+    Static shapes (`static`, or `compile`: gpt-fast's design, for CUDA graphs): the decode
+    step runs over a static KVCache of (B', n_kv, S', hd), B' the rows rounded up to a power
+    of two and S' the columns to a multiple of STATIC_COLUMNS, with a (B', S') mask; rows
+    past B are idle padding. The dynamic cache stays the record that joins and leaves
+    edit: the rows and columns move into the static one (kept, so its addresses stay) at
+    the first step after a change, and back before the next change. With `compile` the
+    step goes through torch.compile(mode="reduce-overhead"): one graph per (B', S').
     """
 
     def __init__(self, model, tokenizer, *, stream: StreamCallback | None = None,
-                 on_finish: FinishCallback | None = None, compile: bool = False):  # fmt: skip
+                 on_finish: FinishCallback | None = None, compile: bool = False, static: bool = False):  # fmt: skip
         self.model, self.tokenizer = model, tokenizer
         self.stream, self.on_finish = stream, on_finish
-        self.step_model = torch.compile(model, dynamic=True) if compile else model
+        self.static = static or compile
+        self.step_model = torch.compile(model, mode="reduce-overhead") if compile else model
+        self.compiled = compile
+        self.static_cache: KVCache | None = None  # the static step's cache, reused while its shape fits
+        self.static_mask: torch.Tensor | None = None  # (B', S') for it; None: the dynamic cache changed
         weight = model.lm_head.weight
         self.device, self.dtype = weight.device, weight.dtype
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -244,6 +263,7 @@ class DecodeBatch:
 
     def add(self, prompt_ids: list[list[int]], params: list[SamplingParams], keys: list[Hashable]) -> None:
         """Prefill these prompts as one left-padded batch and join their rows to the batch."""
+        self._leave_static()
         B, P = len(prompt_ids), max(len(ids) for ids in prompt_ids)
         ids = torch.full((B, P), self.pad_id, dtype=torch.long)  # (B, P) left-padded prompts
         mask = torch.ones(B, P, dtype=torch.long)  # (B, P)
@@ -288,6 +308,10 @@ class DecodeBatch:
         next_ids = self._retire(next_ids)
         if not self.rows:
             return
+        if self.static:
+            self.hidden = self._static_step(next_ids)  # (B, D)
+            self.positions = self.positions + 1
+            return
         padded = bool((self.mask[:, : self.cache.length] == 0).any())
         attention_mask = self.mask[:, : self.cache.length + 1] if padded else None  # (B, S)
         hidden = self.step_model(next_ids[:, None], attention_mask=attention_mask, position_ids=self.positions,
@@ -318,6 +342,32 @@ class DecodeBatch:
             out[j] = TokenLogprob(int(next_ids[j]), float(chosen[n]), top)
         return out
 
+    def _static_step(self, next_ids: torch.Tensor) -> torch.Tensor:
+        """Feed next_ids (B,) through the static-shape step; the new hidden states (B, D)."""
+        B = len(self.rows)
+        if self.static_mask is None:  # rows or columns changed: move them into the static cache
+            shape = (1 << (B - 1).bit_length(), -(-self.cache.max_len // STATIC_COLUMNS) * STATIC_COLUMNS)
+            self.static_cache = _static_cache(self.model, shape, self.dtype, self.device)
+            self.static_cache.copy_from(self.cache)
+            self.static_mask = self.mask.new_zeros(shape)  # (B', S') idle rows see only themselves
+            self.static_mask[:B] = 1  # columns past the dynamic cache's are future tokens
+            self.static_mask[:B, : self.mask.shape[1]] = self.mask
+        pad = self.static_mask.shape[0] - B
+        ids = torch.nn.functional.pad(next_ids[:, None], (0, 0, 0, pad), value=self.pad_id)  # (B', 1)
+        positions = torch.nn.functional.pad(self.positions, (0, 0, 0, pad))  # (B', 1)
+        if self.compiled:
+            torch.compiler.cudagraph_mark_step_begin()  # the previous step's outputs are consumed
+        hidden = self.step_model(ids, attention_mask=self.static_mask, position_ids=positions,
+                                 kv_cache=self.static_cache)  # fmt: skip
+        return hidden[:B, -1]  # (B, D)
+
+    def _leave_static(self) -> None:
+        """Before the rows or columns change: bring what the static steps wrote back into the
+        dynamic cache."""
+        if self.static_mask is not None:
+            self.cache.copy_from(self.static_cache)
+            self.static_mask = None
+
     def _retire(self, next_ids: torch.Tensor | None) -> torch.Tensor | None:
         """Drop the rows that ended (telling on_finish) and the columns only padding uses."""
         keep = [j for j, row in enumerate(self.rows) if row.finish_reason is None]
@@ -326,6 +376,7 @@ class DecodeBatch:
                 self.on_finish(row.key, row.completion())
         if len(keep) == len(self.rows):
             return next_ids
+        self._leave_static()
         kept = torch.tensor(keep, dtype=torch.long, device=self.device)
         self.rows = [self.rows[j] for j in keep]
         self.mask, self.positions, self.hidden = self.mask[kept], self.positions[kept], self.hidden[kept]
@@ -348,6 +399,20 @@ class DecodeBatch:
         length = self.cache.length
         self.cache.realign(shift, width)
         self.mask = _realign_mask(self.mask[:, :length], shift, width)
+
+
+_STATIC_CACHES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> its static KVCache
+
+
+def _static_cache(model, shape: tuple[int, int], dtype: torch.dtype, device: torch.device) -> KVCache:
+    """The model's static cache of `shape` (rows, columns), kept from one batch to the next (one
+    per model, as gpt-fast's setup_caches): a captured CUDA graph then finds its buffers at the
+    same addresses and replays instead of recording again. One static batch per model at a time."""
+    cache = _STATIC_CACHES.get(model)
+    if cache is None or (cache.k[0].shape[0], cache.max_len, cache.k[0].dtype, cache.k[0].device) != (
+        *shape, dtype, torch.device(device)):  # fmt: skip
+        cache = _STATIC_CACHES[model] = KVCache(model.config, *shape, dtype=dtype, device=device, static=True)
+    return cache
 
 
 def _realign_mask(mask: torch.Tensor, shift: int, width: int) -> torch.Tensor:
