@@ -99,7 +99,7 @@ class BatchWorker:
                     try:
                         batch.step()
                     except Exception as e:  # a failed step fails its requests, never the server
-                        self._fail({key[0] for key in (r.key for r in batch.rows)}, "generation", e)
+                        self._fail({r.key[0] for r in batch.rows}, "generation", e)
                         batch = self._new_batch()
         with self.accepting:  # refuse whatever is still queued
             pending = [self.waiting] if self.waiting else []

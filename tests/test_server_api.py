@@ -147,7 +147,7 @@ def test_json_schema_output_parses_and_matches_the_schema(api):
                                                "note": {"type": "null"}}}  # fmt: skip
     for seed in range(3):
         reply = api.chat.completions.create(
-            model="tiny", messages=MESSAGES, max_tokens=40, temperature=1.0, seed=seed,
+            model="tiny", messages=MESSAGES, max_tokens=80, temperature=1.0, seed=seed,
             response_format={"type": "json_schema", "json_schema": {"name": "verdict", "schema": schema}},
         )  # fmt: skip
         value = json.loads(reply.choices[0].message.content)

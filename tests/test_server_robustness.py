@@ -243,3 +243,21 @@ def test_binding_beyond_loopback_without_a_key_warns():
     assert exposed_without_key("example.org", None)
     assert not exposed_without_key("0.0.0.0", "key")
     assert not any(exposed_without_key(h, None) for h in ("127.0.0.1", "127.0.0.2", "::1", "localhost"))
+
+
+def test_a_step_that_raises_fails_its_requests_and_the_server_goes_on(model, tok, monkeypatch):
+    from minidpo.sampler import DecodeBatch
+
+    real_step, calls = DecodeBatch.step, []
+
+    def step_failing_once(self):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("injected")
+        return real_step(self)
+
+    monkeypatch.setattr(DecodeBatch, "step", step_failing_once)
+    with serve_in_thread(model, tok) as flaky:
+        status, _, reply = post(flaky, chat())
+        assert status == 500 and reply["error"]["message"] == "generation failed: RuntimeError"
+        assert post(flaky, chat())[0] == 200
