@@ -62,7 +62,7 @@ from minidpo.io import atomic_write, atomic_write_json, read_json
 REPO = Path(__file__).resolve().parents[1]
 CARRIED = REPO / ".gpu"  # benchmarks/fetch_gpu_wheels.sh fills it; the device call carries it
 DATA = REPO / "minidpo" / "data" / "librachem_mini"
-DEFAULT_BUDGET_S = 560  # the device tool stops a command at 600 s
+DEFAULT_BUDGET_S = 540  # the device tool stops a command at 600 s; gpu_check.sh's installs come first
 REPORT_RESERVE_S = 15  # kept back for writing the results
 LOG_TAIL_CHARS = 3000
 OUT_FILES = 8  # the device tool brings back at most this many files from $OUT
@@ -438,7 +438,9 @@ def run_step(ctx: Context, name: str, cap: float, fn: Callable[[Context], str]) 
 # ---- results
 
 
-def write_results(ctx: Context, results: list[Result], started: str) -> Path:
+def write_results(ctx: Context, results: list[Result], started: str, *, final: bool = True) -> Path:
+    """The summary json and md (after every step, so a run killed from outside keeps what it
+    finished), and at the end the png."""
     slug = ctx.facts.get("slug", "unknown-device")
     stem = ctx.results_dir / f"{slug}-{dt.date.today().isoformat()}-gpu-check"
     summary = {
@@ -451,7 +453,8 @@ def write_results(ctx: Context, results: list[Result], started: str) -> Path:
     atomic_write_json(stem.with_suffix(".json"), summary)
     atomic_write(stem.with_suffix(".md"), render_markdown(summary))
     out = os.environ.get("OUT")
-    if not (out and Path(out).resolve() == ctx.results_dir.resolve() and len(list(ctx.results_dir.iterdir())) >= OUT_FILES):
+    full = out and Path(out).resolve() == ctx.results_dir.resolve() and len(list(ctx.results_dir.iterdir())) >= OUT_FILES
+    if final and not full:
         plot_steps(results, stem.with_suffix(".png"), title=f"gpu_check: {slug}, {started[:10]}")  # (the md has it all)
     return stem
 
@@ -538,6 +541,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"== {name}", flush=True)
                 results.append(run_step(ctx, name, cap, fn))
                 print(f"   {results[-1].status} {results[-1].seconds:.1f} s: {results[-1].detail}", flush=True)
+                write_results(ctx, results, started, final=False)
     finally:
         stem = write_results(ctx, results, started)
         print(f"\nwrote {stem}.json, .md, .png\n\n{table(results)}", flush=True)
