@@ -17,7 +17,7 @@ can honour, with vLLM's local extensions):
     GET  /v1/models, GET /health
 
 Other request fields are accepted and ignored. Choice i of a request samples with seed + i.
-Log-probs are not sent in streamed chunks (the final text's are the same as unstreamed).
+Streamed, a choice's log-probs come whole with its last chunk (the one with finish_reason).
 
 Concurrency: each connection gets a thread that validates and tokenizes its request and
 puts it on a bounded queue; one model thread runs continuous batching over it
@@ -268,14 +268,14 @@ class ChatHandler(BaseHTTPRequestHandler):
     def _stream(self, request: GenerationRequest, reply: dict, prompt_lengths: list[int], chat: bool) -> None:
         obj = "chat.completion.chunk" if chat else "text_completion"
 
-        def chunk(choice: int, text: str | None, finish_reason=None, first=False) -> dict:
+        def chunk(choice: int, text: str | None, finish_reason=None, first=False, logprobs=None) -> dict:
             if chat:
                 delta = {"content": text} if text is not None else {}
                 if first:
                     delta = {"role": "assistant", "content": ""}
-                c = {"index": choice, "delta": delta, "finish_reason": finish_reason, "logprobs": None}
+                c = {"index": choice, "delta": delta, "finish_reason": finish_reason, "logprobs": logprobs}
             else:
-                c = {"index": choice, "text": text or "", "finish_reason": finish_reason, "logprobs": None}
+                c = {"index": choice, "text": text or "", "finish_reason": finish_reason, "logprobs": logprobs}
             return {**reply, "object": obj, "choices": [c]} | ({"usage": None} if request.include_usage else {})
 
         self.send_response(200)
@@ -298,7 +298,8 @@ class ChatHandler(BaseHTTPRequestHandler):
                     break
                 else:
                     done[choice] = value
-                    self._send_event(chunk(choice, None, value.finish_reason))
+                    logprobs = _choice(choice, value, self.server.worker.tokenizer, chat)["logprobs"]
+                    self._send_event(chunk(choice, None, value.finish_reason, logprobs=logprobs))
             else:
                 if request.include_usage:
                     completions = [done[i] for i in range(len(request.params))]

@@ -210,3 +210,13 @@ def test_the_judge_asks_without_guided_choice_once_an_endpoint_refuses_it():
         assert judge.describes_a_way("q", "a").label == "yes"
     assert [("guided_choice" in body) for body in fake.requests] == [True, False, False]
     assert fake.requests[0]["guided_choice"] == ["Yes", "No"]
+
+
+def test_streamed_logprobs_come_whole_with_the_last_chunk(api):
+    kwargs = dict(model="tiny", messages=MESSAGES, max_tokens=5, temperature=0, logprobs=True, top_logprobs=2,
+                  extra_body=FIXED)  # fmt: skip
+    whole = api.chat.completions.create(**kwargs).choices[0].logprobs.content
+    chunks = [c for c in api.chat.completions.create(stream=True, **kwargs) if c.choices]
+    streamed = [entry for c in chunks if c.choices[0].logprobs for entry in c.choices[0].logprobs.content]
+    assert [(e.token, e.logprob) for e in streamed] == [(e.token, e.logprob) for e in whole]
+    assert chunks[-1].choices[0].finish_reason == "length" and chunks[-1].choices[0].logprobs is not None
