@@ -191,16 +191,18 @@ def save_model(
     max_shard_size: int | str = "5GB",
     dtype: torch.dtype | None = None,
     tokenizer_from: str | Path | None = None,
+    state: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write `model` as an HF-format folder, replacing `path` atomically.
 
     config.json + model.safetensors, or shards + index when the weights exceed
     `max_shard_size` ("5GB" = 5e9 bytes, "2GiB" = 2 * 2**30, or an int). `dtype` casts the
     floating-point weights (default: as they are). `tokenizer_from` names a folder whose
-    tokenizer files are copied along.
+    tokenizer files are copied along. `state` (full tensors by name: a sharded model's,
+    gathered) replaces model.state_dict().
     """
     config: ModelConfig = model.config
-    state = model.state_dict()
+    state = dict(model.state_dict() if state is None else state)
     if config.tie_word_embeddings:
         state.pop("lm_head.weight", None)
     saved_dtype = dtype or next(v.dtype for v in state.values() if v.is_floating_point())

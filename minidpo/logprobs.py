@@ -73,3 +73,18 @@ def sequence_logprobs(
             token_logps = linear_token_logprobs(h, weight, targets)  # (M,) float32
     logps = torch.zeros(N, dtype=token_logps.dtype, device=input_ids.device).index_add(0, rows, token_logps)  # (N,)
     return logps, counts
+
+
+class SequenceLogprobs(torch.nn.Module):
+    """`sequence_logprobs` of a causal LM as a module: (input_ids, labels) -> (logps, counts).
+
+    DDP and FSDP2 wrap this module, so the head that runs after the model's forward is inside
+    the wrapped forward too (FSDP2 gathers lm_head for it; DDP sees its parameters used).
+    """
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return sequence_logprobs(self.model, input_ids, labels)

@@ -199,17 +199,25 @@ def lora_config_of(model: nn.Module) -> LoRAConfig:
     return LoRAConfig(r=first.r, alpha=first.alpha, dropout=dropout, target_modules=targets, use_rslora=first.use_rslora)
 
 
-def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The adapter tensors under PEFT's key names, float32, contiguous."""
+def adapter_state_dict(model: nn.Module, tensors: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """The adapter tensors under PEFT's key names, float32, contiguous.
+
+    `tensors` (full tensors by parameter name: a sharded model's, gathered) replaces the
+    layers' own weights.
+    """
     out = {}
     for name, layer in lora_layers(model):
-        out[f"{PEFT_PREFIX}{name}.lora_A.weight"] = layer.lora_A.weight.detach().float().contiguous().cpu()
-        out[f"{PEFT_PREFIX}{name}.lora_B.weight"] = layer.lora_B.weight.detach().float().contiguous().cpu()
+        for part in ("lora_A", "lora_B"):
+            weight = getattr(layer, part).weight if tensors is None else tensors[f"{name}.{part}.weight"]
+            out[f"{PEFT_PREFIX}{name}.{part}.weight"] = weight.detach().float().contiguous().cpu()
     return out
 
 
-def save_adapter(model: nn.Module, out_dir: str | Path, *, base_model_name_or_path: str | None = None) -> Path:
-    """Write the model's adapters to `out_dir` in PEFT's layout (atomically, as one folder)."""
+def save_adapter(
+    model: nn.Module, out_dir: str | Path, *, base_model_name_or_path: str | None = None,
+    tensors: dict[str, torch.Tensor] | None = None,
+) -> Path:
+    """Write the model's adapters to `out_dir` in PEFT's layout (atomically, as one folder); `tensors` as above."""
     config = lora_config_of(model)
     peft_config = {
         "peft_type": "LORA",
@@ -229,7 +237,7 @@ def save_adapter(model: nn.Module, out_dir: str | Path, *, base_model_name_or_pa
     }
     out_dir = Path(out_dir)
     with atomic_dir(out_dir) as tmp:
-        save_file(adapter_state_dict(model), str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+        save_file(adapter_state_dict(model, tensors), str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
         atomic_write_json(tmp / ADAPTER_CONFIG, peft_config)
     return out_dir
 

@@ -121,15 +121,15 @@ def dpo_loss(
         loss = loss + rpo_alpha * (-policy_chosen_logps.sum() / tokens)
 
     with torch.no_grad():
-        chosen_rewards = beta * chosen_scores.detach().float()  # (B,)
-        rejected_rewards = beta * rejected_scores.detach().float()  # (B,)
+        chosen_rewards = beta * chosen_scores.detach().double()  # (B,)
+        rejected_rewards = beta * rejected_scores.detach().double()  # (B,)
         metrics = {
             "rewards/chosen": chosen_rewards.mean(),
             "rewards/rejected": rejected_rewards.mean(),
             "rewards/accuracies": (chosen_rewards > rejected_rewards).float().mean(),
             "rewards/margins": (chosen_rewards - rejected_rewards).mean(),
-            "logps/chosen": policy_chosen_logps.detach().float().mean(),
-            "logps/rejected": policy_rejected_logps.detach().float().mean(),
+            "logps/chosen": policy_chosen_logps.detach().double().mean(),
+            "logps/rejected": policy_rejected_logps.detach().double().mean(),
             "count": int(policy_chosen_logps.shape[0]),
         }
     return loss, metrics

@@ -3,6 +3,9 @@
 DPO compares the policy with a frozen reference (the model before training). Three ways
 to get log ref(y|x), in order of memory:
 
+Both models are given as scorers, logprobs.SequenceLogprobs modules (or their DDP / FSDP2
+wrappers): (input_ids, labels) -> (summed response log-probs, counts).
+
 1. `ReferenceModel(policy)`: the policy's own weights with every LoRA adapter switched off
    (lora.adapters_disabled). No second model; one extra no-grad forward per batch. The
    default for LoRA training, as the LibraChem reference code and TRL with PEFT do.
@@ -14,7 +17,9 @@ to get log ref(y|x), in order of memory:
    runs no reference forward at all (`--precompute-ref`; TRL issues #2423, #3985).
    The file is named by a fingerprint of the model files, the data file and every setting
    that changes the numbers (chat format, lengths, dtype, device type), so a stale cache is
-   never read. A killed precompute resumes where it stopped.
+   never read. A killed precompute resumes where it stopped. Under torchrun each rank
+   computes its share of every chunk of `batch_size x N` examples, the ranks gather the
+   numbers, and rank 0 alone writes the file.
 
 Model files are fingerprinted without reading a multi-GB checkpoint whole: small files
 (configs, tokenizer) are hashed entirely; each weight file contributes its size, its
@@ -27,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import os
 import struct
 from collections.abc import Callable
@@ -35,8 +41,8 @@ from pathlib import Path
 import torch
 
 from minidpo.data import Example, collate
+from minidpo.distributed import Distributed
 from minidpo.io import JsonlAppender, load_jsonl_tolerant
-from minidpo.logprobs import sequence_logprobs
 from minidpo.lora import adapters_disabled
 
 CACHE_VERSION = 1
@@ -50,18 +56,18 @@ def default_cache_dir() -> Path:
 
 
 class ReferenceModel:
-    """Computes reference log-probs for a batch: adapters off, or a separate model."""
+    """Computes reference log-probs for a batch: the policy's scorer with adapters off, or a separate one."""
 
     def __init__(self, policy: torch.nn.Module, ref_model: torch.nn.Module | None = None):
         self.policy, self.ref_model = policy, ref_model
 
     @torch.no_grad()
     def logps(self, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Summed response log-probs (N,) float32 under the reference."""
+        """Summed response log-probs (N,) float32 (float64 for a float64 model) under the reference."""
         if self.ref_model is not None:
-            return sequence_logprobs(self.ref_model, input_ids, labels)[0]
+            return self.ref_model(input_ids, labels)[0]
         with adapters_disabled(self.policy):
-            return sequence_logprobs(self.policy, input_ids, labels)[0]
+            return self.policy(input_ids, labels)[0]
 
 
 def _file_fingerprint(path: Path, h) -> None:
@@ -100,22 +106,32 @@ def precompute_reference_logps(
     device: torch.device,
     autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
     progress: Callable[[int], None] | None = None,
+    ranks: Distributed | None = None,
 ) -> dict[str, tuple[float, float]]:
-    """{example key: (ref chosen logp, ref rejected logp)}, read from `cache_file` or computed into it."""
+    """{example key: (ref chosen logp, ref rejected logp)}, read from `cache_file` or computed into it.
+
+    With `ranks` (torchrun), every rank calls this: each computes its share, rank 0 writes.
+    """
+    ranks = ranks or Distributed()
     cache_file = Path(cache_file)
     cached = {r["key"]: (r["chosen"], r["rejected"]) for r in load_jsonl_tolerant(cache_file)}
     missing = [e for e in examples if e.key not in cached]
-    if missing:
-        with JsonlAppender(cache_file, fsync=False) as out:
-            for start in range(0, len(missing), batch_size):
-                chunk = missing[start : start + batch_size]
-                batch = collate(chunk, pad_id).to(device)
-                with autocast():
-                    logps = reference.logps(batch.input_ids, batch.labels).tolist()  # (2B,)
-                for i, example in enumerate(chunk):
-                    record = {"key": example.key, "chosen": logps[i], "rejected": logps[len(chunk) + i]}
-                    out.write(record)
-                    cached[example.key] = (record["chosen"], record["rejected"])
-                if progress is not None:
-                    progress(len(chunk))
+    ranks.barrier()  # every rank has read the file before rank 0 appends to it
+    step = batch_size * ranks.world_size
+    with JsonlAppender(cache_file, fsync=False) if missing and ranks.is_main else contextlib.nullcontext() as out:
+        for start in range(0, len(missing), step):
+            chunk = missing[start : start + step]  # the global chunk; this rank scores its share
+            mine = ranks.shard(chunk, batch_size) or chunk[:1]  # a rank without a share scores one, unused
+            batch = collate(mine, pad_id).to(device)
+            with autocast():
+                logps = reference.logps(batch.input_ids, batch.labels).double()  # (2b,)
+            pairs = torch.full((batch_size, 2), math.nan, dtype=torch.float64, device=logps.device)  # (B, 2)
+            pairs[: len(mine)] = torch.stack([logps[: len(mine)], logps[len(mine) :]], 1)  # (b, 2)
+            scores = ranks.gather(pairs).flatten(0, 1)[: len(chunk)].tolist()  # (len(chunk), 2), rank order
+            for example, (chosen, rejected) in zip(chunk, scores):
+                cached[example.key] = (chosen, rejected)
+                if out is not None:
+                    out.write({"key": example.key, "chosen": chosen, "rejected": rejected})
+            if progress is not None:
+                progress(len(chunk))
     return {e.key: cached[e.key] for e in examples}

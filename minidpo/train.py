@@ -67,10 +67,18 @@ from safetensors.torch import load_file, save_file
 
 from minidpo.checkpoint import load_model, save_model
 from minidpo.data import Batch, Dataset, batch_order, collate, load_dataset
-from minidpo.device import resolve_device
+from minidpo.distributed import (
+    Distributed,
+    check_parallel,
+    default_parallel,
+    gather_optimizer_state,
+    gather_state,
+    load_full_state,
+    wrap,
+)
 from minidpo.errors import MiniDPOError, ParameterError
 from minidpo.io import JsonlAppender, atomic_dir, atomic_write, atomic_write_json, load_jsonl_tolerant
-from minidpo.logprobs import sequence_logprobs
+from minidpo.logprobs import SequenceLogprobs
 from minidpo.lora import LoRAConfig, apply_lora, save_adapter
 from minidpo.losses import check_loss_options, dpo_loss, is_reference_free, sft_loss
 from minidpo.packing import pack, response_lengths
@@ -128,6 +136,7 @@ class TrainConfig:
     # running
     device: str | None = None  # None: cuda when available, else cpu
     dtype: str | None = None  # the base weights: None (bfloat16 on CUDA for LoRA, else float32), or a name
+    parallel: str | None = None  # under torchrun: "ddp" or "fsdp" (None: ddp for LoRA, fsdp for full fine-tuning)
     gradient_checkpointing: bool = False
     eval_every: int = 0  # steps; 0: only at the end
     eval_batch_size: int = 4
@@ -199,8 +208,12 @@ class MetricSums:
                 self.sums[name] = self.sums.get(name, 0.0) + float(value) * n
         self.count += n
 
-    def means(self) -> dict:
-        return {"loss": self.loss, **{k: v / max(1, self.count) for k, v in self.sums.items()}, "count": self.count}
+    def means(self, ranks: Distributed) -> dict:
+        """The step's (or eval's) loss and metric means over every rank's batches."""
+        names = sorted(self.sums)
+        loss, count, *sums = ranks.sum([self.loss, self.count, *(self.sums[k] for k in names)])
+        count = int(count)
+        return {"loss": loss, **{k: v / max(1, count) for k, v in zip(names, sums)}, "count": count}
 
 
 class RNGStream:
@@ -265,14 +278,19 @@ class Trainer:
     def __init__(self, config: TrainConfig, mode: str = "dpo", *, log: Callable[[str], None] = _stderr):
         if mode not in ("dpo", "sft"):
             raise ValueError(f"mode must be 'dpo' or 'sft', got {mode!r}")
-        self.config, self.mode, self.log = config, mode, log
+        self.config, self.mode = config, mode
         self.pairs = mode == "dpo"
         self._check_options()
         c = config
         self.out = Path(c.out)
-        self.device = resolve_device(c.device)
+        self.ranks = Distributed.from_environment(c.device)
+        self.log = log if self.ranks.is_main else (lambda message: None)
+        self.device = self.ranks.device
+        self.parallel = c.parallel or default_parallel(c.full_finetune)
         on_cuda = self.device.type == "cuda"
-        base_dtype = getattr(torch, c.dtype) if c.dtype else torch.bfloat16 if on_cuda and not c.full_finetune else torch.float32
+        sharded = self.ranks.enabled and self.parallel == "fsdp"  # float32 shards, gathered as bf16 on CUDA
+        base_dtype = (getattr(torch, c.dtype) if c.dtype
+                      else torch.bfloat16 if on_cuda and not c.full_finetune and not sharded else torch.float32)
         self.autocast = (
             (lambda: torch.autocast("cuda", dtype=torch.bfloat16))
             if on_cuda and base_dtype != torch.float64 else contextlib.nullcontext
@@ -290,11 +308,14 @@ class Trainer:
                 p.requires_grad_(True)
         else:
             lora = LoRAConfig(c.lora_r, c.lora_alpha, c.lora_dropout, c.lora_targets, c.use_rslora)
-            with self.rng.active():
+            with self.rng.active():  # the same initial adapter on every rank, as in one process
                 apply_lora(self.model, lora)
+        if self.ranks.rank:  # each further rank draws its own dropout masks
+            self.rng = RNGStream(c.seed * 1_000_003 + self.ranks.rank, self.device)
         self.model.gradient_checkpointing = c.gradient_checkpointing
         self.model.train()
-        self.trainable = {name: p for name, p in self.model.named_parameters() if p.requires_grad}
+        self.policy = wrap(SequenceLogprobs(self.model), self.model.model.layers, self.parallel, self.ranks)
+        self.trainable = {name: p for name, p in self.model.named_parameters() if p.requires_grad}  # after wrap
 
         self.reference: ReferenceModel | None = None
         self.ref_logps: dict[str, dict[str, tuple[float, float]]] = {}
@@ -312,7 +333,7 @@ class Trainer:
         elif self._checkpoints():
             self._resume(self._checkpoints()[-1])
         else:
-            log(f"minidpo: no checkpoint in {self.out} yet; starting from step 0")
+            self.log(f"minidpo: no checkpoint in {self.out} yet; starting from step 0")
 
     # ---- setup
 
@@ -320,6 +341,7 @@ class Trainer:
         c = self.config
         if self.pairs:
             check_loss_options(c.loss, c.beta, c.label_smoothing)
+        check_parallel(c.parallel)
         if c.dtype is not None and c.dtype not in DTYPES:
             raise ParameterError(f"dtype {c.dtype!r} is unknown; choose one of {', '.join(DTYPES)}", "dtype")
         if c.scheduler not in SCHEDULERS:
@@ -357,7 +379,10 @@ class Trainer:
         if c.ref_model:
             ref_model, _ = load_model(c.ref_model, dtype=dtype, device=self.device, quantize=c.quantize)
             ref_model.requires_grad_(False)
-        self.reference = ReferenceModel(self.model, ref_model)
+            ref_model = SequenceLogprobs(ref_model)
+            if self.parallel == "fsdp":  # DDP has nothing to synchronize in a frozen model: each rank keeps one
+                ref_model = wrap(ref_model, ref_model.model.model.layers, self.parallel, self.ranks)
+        self.reference = ReferenceModel(self.policy, ref_model)
         if not (c.precompute_ref or (c.full_finetune and ref_model is None)):
             return
         # Full fine-tuning without --ref-model: the starting weights, computed before any step.
@@ -375,7 +400,7 @@ class Trainer:
             self.log(f"minidpo: reference log-probs for {data.path}: {cache_file}")
             self.ref_logps[split] = precompute_reference_logps(
                 self.reference, data.examples, cache_file, batch_size=c.eval_batch_size, pad_id=self.pad_id,
-                device=self.device, autocast=self.autocast,
+                device=self.device, autocast=self.autocast, ranks=self.ranks,
             )
         self.reference = None  # every example is cached: no reference forward, no second model kept
 
@@ -390,7 +415,8 @@ class Trainer:
 
     def _batches(self, epoch: int) -> list[list[int]]:
         c = self.config
-        return batch_order(self.train_data.examples, c.batch_size, seed=c.seed, epoch=epoch, group_by_length=c.group_by_length)
+        size = c.batch_size * self.ranks.world_size  # global micro-batches; each rank takes its share
+        return batch_order(self.train_data.examples, size, seed=c.seed, epoch=epoch, group_by_length=c.group_by_length)
 
     def _epoch_batches(self) -> list[list[int]]:
         if self._order_cache is None or self._order_cache[0] != self.epoch:
@@ -420,10 +446,10 @@ class Trainer:
         c = self.config
         with self.autocast():
             if not self.pairs:
-                logps, lengths = sequence_logprobs(self.model, batch.input_ids, batch.labels)  # (B,) each
+                logps, lengths = self.policy(batch.input_ids, batch.labels)  # (B,) each
                 return sft_loss(logps, lengths, token_count=counts.chosen_tokens)
             ref = self._reference_logps(batch, split)  # (2B,) or None; first, so its activations go
-            logps, lengths = sequence_logprobs(self.model, batch.input_ids, batch.labels)  # (2B,) each
+            logps, lengths = self.policy(batch.input_ids, batch.labels)  # (2B,) each
         B = len(batch.keys)
         if ref is not None:
             ref = ref.to(logps.dtype)  # (2B,)
@@ -446,12 +472,16 @@ class Trainer:
         from tqdm import tqdm
 
         c = self.config
-        self.out.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(self.out / "train_config.json", {"mode": self.mode, **dataclasses.asdict(c)})
-        if self.step == 0:  # a fresh run: drop records a run killed before its first checkpoint left
-            atomic_write(self.out / "metrics.jsonl", "")
-        metrics = JsonlAppender(self.out / "metrics.jsonl")
-        bar = tqdm(total=self.total_steps, initial=self.step, disable=not c.progress, desc=self.mode, dynamic_ncols=True)
+        main = self.ranks.is_main  # rank 0 alone writes; every rank computes
+        if main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(self.out / "train_config.json", {"mode": self.mode, **dataclasses.asdict(c)})
+            if self.step == 0:  # a fresh run: drop records a run killed before its first checkpoint left
+                atomic_write(self.out / "metrics.jsonl", "")
+        metrics = JsonlAppender(self.out / "metrics.jsonl") if main else contextlib.nullcontext()
+        write = metrics.write if main else (lambda record: None)
+        bar = tqdm(total=self.total_steps, initial=self.step, disable=not (c.progress and main), desc=self.mode,
+                   dynamic_ncols=True)
         last_eval_step = None
         try:
             with interrupt_flag(catch_interrupt) as interrupted:
@@ -466,54 +496,67 @@ class Trainer:
                         record = self._optimizer_step(group, interrupted)
                     except _Interrupted:
                         self._interrupt(rng)
-                    metrics.write(record)
+                    write(record)
                     bar.update(1)
                     bar.set_postfix(self._postfix(record))
                     if on_step is not None:
                         on_step(self.step, record)
                     if self.eval_data is not None and c.eval_every and self.step % c.eval_every == 0:
-                        metrics.write(self.evaluate())
+                        write(self.evaluate())
                         last_eval_step = self.step
                     if self.step % c.save_every == 0 or self.step == self.total_steps:
                         self.save_checkpoint(self.rng.state)
-                    if interrupted.is_set():
+                    if self._any_rank(interrupted):
                         self._interrupt(self.rng.state)
                 if self.eval_data is not None and last_eval_step != self.step:
-                    metrics.write(self.evaluate())
+                    write(self.evaluate())
         finally:
             bar.close()
-            metrics.close()
+            if main:
+                metrics.close()
         output = self._save_output()
-        if c.plot:
+        if c.plot and main:
             self._plot()
         records = load_jsonl_tolerant(self.out / "metrics.jsonl")
         last = {split: next((r for r in reversed(records) if r.get("split") == split), None) for split in ("train", "eval")}
         return TrainResult(self.out, self.step, last["train"], last["eval"], output)
 
-    def accumulate(self, group: list[list[int]], interrupted: threading.Event | None = None) -> dict:
-        """Forward and backward over one step's micro-batches (lists of example indices).
+    def _shards(self, micro_batches: list[list[int]], size: int, data: Dataset | None = None) -> list[tuple[Batch, bool]]:
+        """This rank's (batch, real) of each global micro-batch; a rank without a share gets one unused example."""
+        shards = [self.ranks.shard(micro, size) for micro in micro_batches]
+        return [(self.collate(shard or micro[:1], data), bool(shard)) for shard, micro in zip(shards, micro_batches)]
 
-        The gradients add up to those of the step's mean loss (see the module docstring);
-        returns the step's loss and metrics with their count.
+    def _counts(self, shards: list[tuple[Batch, bool]]) -> Counts:
+        counts = count_batches([batch for batch, real in shards if real], self.pairs)
+        return Counts(*(int(n) for n in self.ranks.sum([counts.pairs, counts.chosen_tokens])))
+
+    def accumulate(self, group: list[list[int]], interrupted: threading.Event | None = None) -> dict:
+        """Forward and backward over one step's global micro-batches (lists of example indices).
+
+        The gradients add up to those of the step's mean loss over every rank (see the module
+        docstring); returns the step's loss and metrics with their count.
         """
-        batches = [self.collate(micro) for micro in group]
-        counts = count_batches(batches, self.pairs)
+        shards = self._shards(group, self.config.batch_size)
+        counts = self._counts(shards)
         sums = MetricSums()
         with self.rng.active():
-            for batch in batches:
+            for batch, real in shards:
                 loss, metrics = self.batch_loss(batch, "train", counts)
-                loss.backward()
-                sums.add(loss.detach(), metrics)
-                if interrupted is not None and interrupted.is_set():
+                # DDP and FSDP2 average the ranks' gradients: scale by N for their sum
+                (loss * (self.ranks.world_size if real else 0)).backward()
+                sums.add(loss.detach() if real else 0.0, metrics if real else {**metrics, "count": 0})
+                if interrupted is not None and self._any_rank(interrupted):
                     self.optimizer.zero_grad(set_to_none=True)
                     raise _Interrupted
-        return sums.means()
+        return sums.means(self.ranks)
 
     def _optimizer_step(self, group: list[list[int]], interrupted: threading.Event) -> dict:
         c = self.config
         means = self.accumulate(group, interrupted)
         params = list(self.trainable.values())
         grad_norm = torch.nn.utils.clip_grad_norm_(params, c.max_grad_norm if c.max_grad_norm > 0 else math.inf)
+        if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor over the ranks' shards
+            grad_norm = grad_norm.full_tensor()
         lr = c.lr * lr_factor(self.step, self.total_steps, c.warmup_steps, c.scheduler)
         for group_ in self.optimizer.param_groups:
             group_["lr"] = lr
@@ -530,16 +573,21 @@ class Trainer:
         """Loss and metrics over the whole eval set, in eval mode (no dropout)."""
         sums = MetricSums()
         size = self.config.eval_batch_size
-        batches = [self.collate(list(range(start, min(start + size, len(self.eval_data.examples)))), self.eval_data)
-                   for start in range(0, len(self.eval_data.examples), size)]
-        counts = count_batches(batches, self.pairs)
+        order = batch_order(self.eval_data.examples, size * self.ranks.world_size, seed=0, epoch=0, shuffle=False)
+        shards = self._shards(order, size, self.eval_data)
+        counts = self._counts(shards)
         self.model.eval()
         try:
-            for batch in batches:
-                sums.add(*self.batch_loss(batch, "eval", counts))
+            for batch, real in shards:
+                loss, metrics = self.batch_loss(batch, "eval", counts)
+                sums.add(loss if real else 0.0, metrics if real else {**metrics, "count": 0})
         finally:
             self.model.train()
-        return {"step": self.step, "split": "eval", **sums.means()}
+        return {"step": self.step, "split": "eval", **sums.means(self.ranks)}
+
+    def _any_rank(self, flag: threading.Event) -> bool:
+        """Whether any rank saw Ctrl-C (so that all stop at the same point)."""
+        return self.ranks.sum([flag.is_set()])[0] > 0
 
     @staticmethod
     def _postfix(record: dict) -> dict:
@@ -554,21 +602,37 @@ class Trainer:
 
     # ---- checkpoints
 
+    def _gather_rng(self, rng: dict) -> list[dict]:
+        """Every rank's random stream state (`rng` is this rank's), in rank order."""
+        return [
+            {kind: states[r].cpu() for kind, states in
+             ((kind, self.ranks.gather(state.to(self.device))) for kind, state in rng.items())}
+            for r in range(self.ranks.world_size)
+        ]
+
     def save_checkpoint(self, rng: dict) -> Path:
-        """Write OUT/checkpoints/step-NNNNNN for the current step (atomically) and prune old ones."""
+        """Write OUT/checkpoints/step-NNNNNN for the current step (atomically) and prune old ones.
+
+        Every rank calls it: the state is gathered from all (full tensors), rank 0 writes it.
+        """
         path = self.out / "checkpoints" / f"step-{self.step:06d}"
-        with atomic_dir(path) as tmp:
-            tensors = {name: p.detach().to("cpu", copy=True).contiguous() for name, p in self.trainable.items()}
-            save_file(tensors, str(tmp / "trainable.safetensors"))
-            if not self.config.full_finetune:
-                save_adapter(self.model, tmp / "adapter", base_model_name_or_path=self.config.model)
-            save_state(tmp, "optimizer", self.optimizer.state_dict())
-            save_state(tmp, "trainer", {
-                "mode": self.mode, "step": self.step, "epoch": self.epoch, "batch_index": self.batch_index,
-                "rng": rng, "config": dataclasses.asdict(self.config),
-            })
-        for old in self._checkpoints()[: -self.config.keep_checkpoints]:
-            shutil.rmtree(old)
+        tensors = gather_state(self.model, self.ranks)
+        optimizer = gather_optimizer_state(self.model, self.optimizer, self.ranks)
+        rngs = self._gather_rng(rng)
+        if self.ranks.is_main:
+            with atomic_dir(path) as tmp:
+                save_file({k: v.detach().to("cpu", copy=True).contiguous() for k, v in tensors.items()},
+                          str(tmp / "trainable.safetensors"))
+                if not self.config.full_finetune:
+                    save_adapter(self.model, tmp / "adapter", base_model_name_or_path=self.config.model, tensors=tensors)
+                save_state(tmp, "optimizer", optimizer)
+                save_state(tmp, "trainer", {
+                    "mode": self.mode, "step": self.step, "epoch": self.epoch, "batch_index": self.batch_index,
+                    "world_size": self.ranks.world_size, "rng": rngs, "config": dataclasses.asdict(self.config),
+                })
+            for old in self._checkpoints()[: -self.config.keep_checkpoints]:
+                shutil.rmtree(old)
+        self.ranks.barrier()
         self._saved_step = self.step
         return path
 
@@ -583,24 +647,31 @@ class Trainer:
                     f"{path}: {key} was {saved.get(key)!r} in this run, now {value!r}; "
                     f"resume with the same options or start a new out", key, "out",
                 )
+        if state["world_size"] != self.ranks.world_size:
+            raise MiniDPOError(f"{path}: the run had {state['world_size']} ranks, now {self.ranks.world_size}; "
+                               f"resume it with as many (the data order and batches depend on them)")
         tensors = load_file(str(path / "trainable.safetensors"))
         if set(tensors) != set(self.trainable):
             raise MiniDPOError(f"{path}: trainable.safetensors does not match the model's trainable parameters")
-        with torch.no_grad():
-            for name, p in self.trainable.items():
-                p.copy_(tensors[name])
-        self.optimizer.load_state_dict(load_state(path, "optimizer"))
-        self.rng.state = state["rng"]
+        load_full_state(self.model, self.optimizer, tensors, load_state(path, "optimizer"))
+        self.rng.state = state["rng"][self.ranks.rank]
         self.step, self.epoch, self.batch_index = state["step"], state["epoch"], state["batch_index"]
-        # Records written after this checkpoint belong to steps that will run again.
-        kept = [r for r in load_jsonl_tolerant(self.out / "metrics.jsonl") if r.get("step", 0) <= self.step]
-        atomic_write(self.out / "metrics.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in kept))
+        if self.ranks.is_main:  # records written after this checkpoint belong to steps that will run again
+            kept = [r for r in load_jsonl_tolerant(self.out / "metrics.jsonl") if r.get("step", 0) <= self.step]
+            atomic_write(self.out / "metrics.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in kept))
+        self.ranks.barrier()
         self.log(f"minidpo: resumed {self.out} at step {self.step} of {self.total_steps}")
 
     def _save_output(self) -> Path:
-        if self.config.full_finetune:
-            return save_model(self.model, self.out / "model", tokenizer_from=self.config.model)
-        return save_adapter(self.model, self.out / "adapter", base_model_name_or_path=self.config.model)
+        """OUT/adapter or OUT/model, gathered from every rank, written by rank 0."""
+        c = self.config
+        state = gather_state(self.model, self.ranks, trainable_only=not c.full_finetune)
+        if self.ranks.is_main and c.full_finetune:
+            save_model(self.model, self.out / "model", tokenizer_from=c.model, state=state)
+        elif self.ranks.is_main:
+            save_adapter(self.model, self.out / "adapter", base_model_name_or_path=c.model, tensors=state)
+        self.ranks.barrier()
+        return self.out / ("model" if c.full_finetune else "adapter")
 
     def _plot(self) -> None:
         from minidpo.plot import plot_metrics
@@ -615,11 +686,18 @@ def train_dpo(
     config: TrainConfig, *, on_step=None, log: Callable[[str], None] = _stderr, catch_interrupt: bool = False
 ) -> TrainResult:
     """Align with DPO (or a variant: config.loss); see TrainConfig for every option."""
-    return Trainer(config, "dpo", log=log).train(on_step, catch_interrupt=catch_interrupt)
+    return _run(Trainer(config, "dpo", log=log), on_step, catch_interrupt)
 
 
 def train_sft(
     config: TrainConfig, *, on_step=None, log: Callable[[str], None] = _stderr, catch_interrupt: bool = False
 ) -> TrainResult:
     """Supervised fine-tuning on the chosen responses (prompt masked)."""
-    return Trainer(config, "sft", log=log).train(on_step, catch_interrupt=catch_interrupt)
+    return _run(Trainer(config, "sft", log=log), on_step, catch_interrupt)
+
+
+def _run(trainer: Trainer, on_step, catch_interrupt: bool) -> TrainResult:
+    try:
+        return trainer.train(on_step, catch_interrupt=catch_interrupt)
+    finally:
+        trainer.ranks.close()

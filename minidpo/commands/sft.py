@@ -14,8 +14,11 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
+    from minidpo.distributed import is_main_process, rank_errors
     from minidpo.train import train_sft
 
-    result = train_sft(config_from_args(args), catch_interrupt=True)
-    print(result.output)
+    with rank_errors():
+        result = train_sft(config_from_args(args), catch_interrupt=True)
+    if is_main_process():
+        print(result.output)
     return 0

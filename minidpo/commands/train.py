@@ -18,6 +18,7 @@ FLAGS = {
 
 def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     """The options `minidpo train` and `minidpo sft` share (defaults: TrainConfig's, the paper's)."""
+    from minidpo.distributed import PARALLEL
     from minidpo.train import DTYPES, SCHEDULERS, TrainConfig
 
     d = TrainConfig(model="", data="", out="")
@@ -56,6 +57,8 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int, default=d.seed, help=f"(default {d.seed})")
     g = parser.add_argument_group("running")
     g.add_argument("--device", help="cuda, cpu, cuda:1 ... (default: cuda when available)")
+    g.add_argument("--parallel", choices=PARALLEL,
+                   help="under torchrun: ddp (default with LoRA) or fsdp (FSDP2 sharding; default with --full-finetune)")
     g.add_argument("--dtype", choices=DTYPES, help="the base weights (default: bfloat16 on CUDA with LoRA, else float32)")
     g.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in the backward (less memory)")
     g.add_argument("--eval-every", type=int, default=d.eval_every, help="steps between evaluations (default: only at the end)")
@@ -101,8 +104,11 @@ def config_from_args(args: argparse.Namespace):
 
 
 def run(args) -> int:
+    from minidpo.distributed import is_main_process, rank_errors
     from minidpo.train import train_dpo
 
-    result = train_dpo(config_from_args(args), catch_interrupt=True)
-    print(result.output)
+    with rank_errors():
+        result = train_dpo(config_from_args(args), catch_interrupt=True)
+    if is_main_process():
+        print(result.output)
     return 0
