@@ -28,6 +28,10 @@ LoRA weights (and, in full fine-tuning, all weights) stay float32 masters; on a 
 float32. Log-probs are float32 sums either way (minidpo.logprobs). `dtype="float64"` runs
 everything in float64 (no autocast), a reference precision for exactness checks.
 
+Under torchrun (minidpo.distributed) every rank runs this loop on its share of each global
+micro-batch (`batch_size` x ranks examples), DDP or FSDP2 sums the gradients, and the step
+is the one a single process computes with the same global batch; rank 0 alone writes.
+
 Everything a run writes lives in OUT:
     metrics.jsonl              one record per step (split "train") and per evaluation
                                ("eval"), appended and flushed; every metric with its count
