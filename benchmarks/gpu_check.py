@@ -285,8 +285,13 @@ def step_train_lora(ctx: Context) -> str:
 
 
 def step_train_qlora(ctx: Context) -> str:
-    usage = subprocess.run(ctx.argv("minidpo", ["train", "--help"]), cwd=REPO, capture_output=True, text=True,
-                           timeout=max(1.0, ctx.remaining())).stdout  # fmt: skip
+    if ctx.dry:  # the parsers are imported here already
+        from minidpo.cli import build_parser as minidpo_parser
+
+        usage = minidpo_parser("train")._subparsers._group_actions[0].choices["train"].format_help()
+    else:  # this process keeps clear of torch
+        usage = subprocess.run(ctx.argv("minidpo", ["train", "--help"]), cwd=REPO, capture_output=True, text=True,
+                               timeout=max(1.0, ctx.remaining())).stdout  # fmt: skip
     if "--quantize" not in usage:
         return "skipped: minidpo train has no --quantize yet"
     ctx.sh("minidpo", "train", *train_args(ctx, "qlora", "--quantize", "nf4"))

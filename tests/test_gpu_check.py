@@ -18,7 +18,7 @@ from benchmarks import gpu_check  # noqa: E402
 
 def test_dry_run_wires_every_step_and_prints_the_table_last(tmp_path):
     proc = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_check.sh"), "--dry-run", "--results-dir", str(tmp_path)],
-                          capture_output=True, text=True, timeout=120, env={"PYTHON": sys.executable, "PATH": "/usr/bin:/bin"})  # fmt: skip
+                          capture_output=True, text=True, timeout=600, env={"PYTHON": sys.executable, "PATH": "/usr/bin:/bin"})  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     [summary] = tmp_path.glob("*-gpu-check.json")
     steps = json.loads(summary.read_text())["steps"]
