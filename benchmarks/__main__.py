@@ -25,7 +25,7 @@ import torch
 
 import benchmarks
 from benchmarks import report
-from benchmarks._harness import Context, device_info, measure_ceilings, peer_versions, today
+from benchmarks._harness import Context, device_info, machine_load, measure_ceilings, peer_versions, today
 from minidpo.io import atomic_write, atomic_write_json, read_json
 
 
@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, module in chosen.items():
         print(f"\n== {name}", flush=True)
         torch.manual_seed(0)
-        t0 = time.perf_counter()
+        t0, load = time.perf_counter(), machine_load()
         error = None
         try:
             rows = check_rows(name, module.run(ctx))
@@ -141,6 +141,8 @@ def main(argv: list[str] | None = None) -> int:
             "error": error,
             "seconds": round(time.perf_counter() - t0, 2),
             "measured_at": dt.datetime.now().isoformat(timespec="seconds"),
+            "load_avg": round(max(load, machine_load()), 2),  # 1-minute load average at its start and end
+            "cores": info.get("cores"),
             "ceilings": ctx.ceilings,
             "plot": getattr(module, "PLOT", None),
         }

@@ -27,6 +27,16 @@ CPU, time.perf_counter after warm-up, median. Peak memory: on CUDA
 torch.cuda.max_memory_allocated (all live tensors, model weights included); on Linux
 CPUs the process's peak resident set (VmHWM, reset through /proc/self/clear_refs),
 which includes the interpreter and libraries; None where neither is available.
+
+Peer comparisons (`interleaved`): on a shared machine a neighbour's load can slow one
+implementation and not the other, so a comparison of two runs made one after the other
+measures the load, not the code. Each implementation runs as a worker in a fresh process
+(no allocator, cache or compiled state carried over), alternating A B A B ... for at
+least 5 pairs in full runs; each pair's ratio is taken within the pair, and the rows
+report the median, min and max of those ratios. Every row records the 1-minute load
+average (the highest sampled before and after each worker) and the threads the workers
+used; a row measured with the load above the core count is marked `busy` and the run
+warns: its numbers say little about the code and must be redone on a quiet machine.
 """
 
 from __future__ import annotations
@@ -37,16 +47,23 @@ import datetime as _dt
 import gc
 import importlib.metadata
 import importlib.util
+import json
 import math
 import os
 import platform
 import re
 import statistics
+import subprocess
+import sys
 import time as _time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
+
+REPO = Path(__file__).resolve().parents[1]
+MIN_PAIRS = 5  # full-size peer comparisons: at least this many A B pairs
 
 # Peers recorded in every result file: (import name, distribution name).
 PEERS = (
@@ -356,3 +373,131 @@ def _cpu_model() -> str | None:
 
 def today() -> str:
     return _dt.date.today().isoformat()
+
+
+# ---- fair peer comparisons: interleaved fresh processes
+
+
+def machine_load() -> float:
+    """The 1-minute load average (runnable and waiting processes), or nan where unknown."""
+    try:
+        return os.getloadavg()[0]
+    except OSError:
+        return math.nan
+
+
+@dataclasses.dataclass
+class Interleaved:
+    """What `interleaved` measured: each implementation's worker results, pair by pair."""
+
+    results: dict[str, list[dict]]  # impl -> one result per pair, in run order (status "ok" or why not)
+    loads: list[float]  # the load average sampled before and after every worker
+    cores: int
+
+    def ok(self, impl: str) -> list[dict]:
+        return [r for r in self.results[impl] if r.get("status") == "ok"]
+
+    def median(self, impl: str, key: str) -> float | None:
+        values = [r[key] for r in self.ok(impl) if isinstance(r.get(key), (int, float))]
+        return statistics.median(values) if values else None
+
+    def ratios(self, impl: str, base: str, key: str) -> list[float]:
+        """value(impl) / value(base) within each pair where both ran."""
+        out = []
+        for a, b in zip(self.results[impl], self.results[base]):
+            x, y = a.get(key), b.get(key)
+            if a.get("status") == b.get("status") == "ok" and isinstance(x, (int, float)) and isinstance(y, (int, float)) and y:
+                out.append(x / y)
+        return out
+
+    def ratio_columns(self, impl: str, base: str, key: str, name: str) -> dict[str, Any]:
+        """{name: median, name_min, name_max, name_pairs: "r1 r2 ..."} of the pair-by-pair ratios."""
+        r = self.ratios(impl, base, key)
+        if not r:
+            return {name: None}
+        return {name: statistics.median(r), f"{name}_min": min(r), f"{name}_max": max(r),
+                f"{name}_pairs": " ".join(f"{x:.3g}" for x in r)}
+
+    @property
+    def load_max(self) -> float:
+        finite = [x for x in self.loads if not math.isnan(x)]
+        return max(finite) if finite else math.nan
+
+    @property
+    def busy(self) -> bool:
+        return self.load_max > self.cores
+
+    def machine_columns(self, impl: str) -> dict[str, Any]:
+        """rounds run (A B pairs), threads the workers used, the highest load average, and the busy mark."""
+        threads = sorted({r["threads"] for r in self.ok(impl) if "threads" in r})
+        return {"rounds": len(self.ok(impl)), "threads": threads[0] if len(threads) == 1 else " ".join(map(str, threads)) or None,
+                "load_avg": round(self.load_max, 2), "busy": self.busy}
+
+
+def interleaved(
+    runners: Mapping[str, Callable[[], dict]],
+    pairs: int,
+    *,
+    log: Callable[[str], None] = lambda message: print(message, flush=True),
+) -> Interleaved:
+    """Run each implementation once per pair, A B A B ..., `pairs` times; warn when busy.
+
+    A runner returns a result dict with "status": "ok" and its numbers, or a status that
+    says why not ("skipped: ...", "error: ..."); an implementation that failed is not run
+    again. `fresh_process(command)` makes a runner that starts a new Python process each
+    time (the default for peer comparisons); a runner may also call into this process
+    where a fresh one per pair costs too much (an 8B model compiled anew on a GPU).
+    """
+    cores = os.cpu_count() or 1
+    results: dict[str, list[dict]] = {impl: [] for impl in runners}
+    loads: list[float] = []
+    for pair in range(pairs):
+        for impl, runner in runners.items():
+            if results[impl] and results[impl][-1].get("status") != "ok":
+                results[impl].append({"status": "not run: failed before"})
+                continue
+            loads.append(machine_load())
+            t0 = _time.perf_counter()
+            result = runner()
+            loads.append(machine_load())
+            results[impl].append(result)
+            log(f"  pair {pair + 1}/{pairs} {impl}: {result.get('status')} in {_time.perf_counter() - t0:.1f} s "
+                f"(load average {loads[-1]:.2f} on {cores} cores)")
+    run = Interleaved(results, loads, cores)
+    if run.busy:
+        log(f"warning: the load average reached {run.load_max:.2f} on {cores} cores: these rows are marked busy; "
+            "their times measure the machine's load as much as the code: rerun on a quiet machine")
+    return run
+
+
+def fresh_process(module: str, *args: Any, timeout: float | None = None) -> Callable[[], dict]:
+    """A runner for `interleaved`: `python -m module args...` in a new process each call.
+
+    The worker prints one JSON object on its last stdout line (`worker_output`).
+    """
+    command = [sys.executable, "-m", module, *map(str, args)]
+
+    def run() -> dict:
+        try:
+            proc = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return {"status": f"error: no result within {timeout} s"}
+        if proc.returncode != 0:
+            last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+            return {"status": f"{'skipped' if 'ModuleNotFoundError' in last else 'error'}: {last[:200]}"}
+        try:
+            return json.loads(proc.stdout.strip().splitlines()[-1])
+        except (IndexError, json.JSONDecodeError):
+            return {"status": "error: the worker printed no JSON result"}
+
+    return run
+
+
+def worker_output(result: dict) -> None:
+    """Print a worker's result as the JSON line `fresh_process` reads, with its thread count."""
+    print(json.dumps(worker_result(result)), flush=True)
+
+
+def worker_result(result: dict) -> dict:
+    """An "ok" result with the threads PyTorch used for it."""
+    return {"status": "ok", "threads": torch.get_num_threads(), **result}

@@ -4,20 +4,25 @@ Where train_step.py times the step's arithmetic at large shapes, this times what
 runs: each library's own trainer on a real checkpoint (SmolLM2-135M-Instruct from
 `minidpo fetch-default`), from the data batch to the optimizer step, logging included.
 
-Settings, equal on both sides: LoRA r=8, alpha=16, dropout 0.05 on q/k/v/o_proj
+Implementations: minidpo (right-padded rows, chosen then rejected), minidpo-packed (the same
+trainer with packing=True: each pair [prompt | chosen | rejected] in one row, no padding,
+minidpo.packing), and TRL. Settings, equal on all: LoRA r=8, alpha=16, dropout 0.05 on q/k/v/o_proj
 (TRL's default disable_dropout=True is turned off so that both run the adapter dropout);
 reference = the same weights with the adapter disabled; sigmoid loss, beta 0.1; AdamW,
-lr 5e-4, constant schedule, no warm-up; 2 pairs per step, no accumulation; every
-sequence exactly 256 tokens (a 64-token prompt and a response cut to 192); float32 on a
-CPU (bf16 autocast on CUDA for both); no gradient checkpointing.
+lr 5e-4, constant schedule, no warm-up; 2 pairs per step, no accumulation; a 64-token
+prompt and responses of uneven length up to 192 tokens (the longest pairs are cut to 256
+tokens); float32 on a CPU (bf16 autocast on CUDA for both); no gradient checkpointing.
 
-Each implementation runs in a fresh Python process, so that one's memory is not counted
-against the other: `warmup` steps, then `rep` timed steps (time from one step's end to
-the next's, median). Memory is the process's peak resident set over the timed steps
-(weights, libraries and interpreter included), reset after the warm-up
+The implementations alternate, each run in a fresh Python process (harness `interleaved`:
+A B A B ..., 5 pairs by default), so a neighbour's load falls on all alike and one's memory
+is not counted against another's. A run is one warm-up step, then `reps` timed steps (time
+from one step's end to the next's, median). `time_vs_trl` is
+minidpo's step time over TRL's within each pair (median, min, max over the pairs);
+`mem_vs_trl` the same for peak memory. Memory is the process's peak resident set over
+the timed steps (weights, libraries and interpreter included), reset after the warm-up
 (/proc/self/clear_refs), and `step_extra_gib`, that peak minus the resident set before
-the first timed step (activations, gradients and optimizer state beyond what stays).
-On CUDA the same numbers come from torch.cuda.max_memory_allocated.
+the first timed step (activations, gradients and optimizer state beyond what stays). On
+CUDA the same numbers come from torch.cuda.max_memory_allocated.
 
 With --tiny a random 2-layer model and a BPE tokenizer trained in-process stand in, so
 the test suite checks both code paths in seconds.
@@ -26,30 +31,34 @@ the test suite checks both code paths in seconds.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+from benchmarks._harness import MIN_PAIRS, fresh_process, interleaved, worker_output
+
 NAME = "dpo_step"
-IMPLS = ("minidpo", "trl")
+IMPLS = ("minidpo", "minidpo-packed", "trl")
 PAIRS, PROMPT_TOKENS, SEQ_TOKENS = 2, 64, 256
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
-REPO = Path(__file__).resolve().parents[1]
 
 
 def add_arguments(parser) -> None:
     parser.add_argument("--dpo-step-impls", nargs="+", choices=IMPLS, default=list(IMPLS))
     parser.add_argument("--dpo-step-model", metavar="DIR", help="HF-format model folder (default: fetch-default's)")
-    parser.add_argument("--dpo-step-reps", type=int, default=5, metavar="N", help="timed steps per implementation")
+    parser.add_argument("--dpo-step-reps", type=int, default=3, metavar="N", help="timed steps per worker")
+    parser.add_argument("--dpo-step-pairs", type=int, default=MIN_PAIRS, metavar="N",
+                        help=f"A B rounds, each worker a fresh process (default {MIN_PAIRS})")
 
 
 def run(ctx) -> list[dict]:
     impls = getattr(ctx.args, "dpo_step_impls", list(IMPLS))
-    reps = 2 if ctx.tiny else getattr(ctx.args, "dpo_step_reps", 5)
+    reps = 2 if ctx.tiny else getattr(ctx.args, "dpo_step_reps", 3)
+    rounds = 1 if ctx.tiny else getattr(ctx.args, "dpo_step_pairs", MIN_PAIRS)  # tiny: TRL's import alone takes 10 s
     with tempfile.TemporaryDirectory(prefix="dpo_step.") as tmp:
         tmp = Path(tmp)
         if ctx.tiny:
@@ -60,27 +69,23 @@ def run(ctx) -> list[dict]:
             model_dir = Path(getattr(ctx.args, "dpo_step_model", None) or fetch_default())
             label = model_dir.name
         data = write_pairs(tmp / "pairs.jsonl", model_dir, PAIRS * (1 + reps + 1))
-        rows = []
-        for impl in impls:
-            row = {"impl": impl, "model": label, "pairs": PAIRS, "seq": SEQ_TOKENS, "device": ctx.device.type}
-            row.update(measure_in_subprocess(impl, model_dir, data, ctx.device.type, reps, tmp / impl))
-            rows.append(row)
-    base = next((r for r in rows if r["impl"] == "trl" and r.get("status") == "ok"), None)
-    for r in rows:
-        if base is not None and r.get("status") == "ok":
-            r["time_vs_trl"] = r["s_per_step"] / base["s_per_step"]
-            r["mem_vs_trl"] = r["peak_gib"] / base["peak_gib"] if r["peak_gib"] and base["peak_gib"] else None
+        runners = {impl: fresh_process("benchmarks.dpo_step", impl, model_dir, data, ctx.device.type, reps)
+                   for impl in impls}
+        run = interleaved(runners, rounds)
+    rows = []
+    for impl in impls:
+        row = {"impl": impl, "model": label, "pairs": PAIRS, "max_seq": SEQ_TOKENS, "device": ctx.device.type}
+        ok = run.ok(impl)
+        if not ok:
+            rows.append({**row, "status": run.results[impl][0]["status"]})
+            continue
+        row |= {"status": "ok", "s_per_step": run.median(impl, "s_per_step"), "s_min": min(r["s_min"] for r in ok),
+                "peak_gib": run.median(impl, "peak_gib"), "step_extra_gib": run.median(impl, "step_extra_gib")}
+        if impl != "trl" and "trl" in impls:
+            row |= run.ratio_columns(impl, "trl", "s_per_step", "time_vs_trl")
+            row |= run.ratio_columns(impl, "trl", "peak_gib", "mem_vs_trl")
+        rows.append(row | run.machine_columns(impl))
     return rows
-
-
-def measure_in_subprocess(impl: str, model_dir: Path, data: Path, device: str, reps: int, out: Path) -> dict:
-    command = [sys.executable, "-m", "benchmarks.dpo_step", impl, str(model_dir), str(data), device, str(reps), str(out)]
-    proc = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
-    if proc.returncode != 0:
-        last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-        status = "skipped" if "ModuleNotFoundError" in last else "error"
-        return {"status": f"{status}: {last[:200]}"}
-    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 # ---- inputs
@@ -122,8 +127,10 @@ def words(n: int, offset: int) -> str:
 
 
 def write_pairs(path: Path, model_dir: Path, n: int) -> Path:
-    """n pairs whose prompts and responses run past 64 and 192 tokens (both sides truncate)."""
-    rows = [{"prompt": words(80, i), "chosen": words(260, i + 1), "rejected": words(260, i + 2)} for i in range(n)]
+    """n pairs: prompts past 64 tokens (cut to their last 64), responses of uneven length,
+    from about 30 words to past 192 tokens (cut)."""
+    rows = [{"prompt": words(80, i), "chosen": words(30 + 97 * i % 200, i + 1), "rejected": words(30 + 61 * i % 200, i + 2)}
+            for i in range(n)]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
 
@@ -161,18 +168,19 @@ class StepClock:
         peak = torch.cuda.max_memory_allocated() if self.device == "cuda" else _peak_rss()
         gib = lambda b: None if b is None else b / 2**30
         return {
-            "status": "ok", "s_per_step": statistics.median(steps), "s_min": min(steps), "reps": len(steps),
+            "s_per_step": statistics.median(steps), "s_min": min(steps), "reps": len(steps),
             "peak_gib": gib(peak), "step_extra_gib": gib(None if peak is None or self.base is None else peak - self.base),
         }
 
 
-def run_minidpo(model_dir: str, data: str, device: str, steps: int, out: str, clock: StepClock) -> None:
+def run_minidpo(model_dir: str, data: str, device: str, steps: int, out: str, clock: StepClock, packing=False) -> None:
     from minidpo.train import TrainConfig, Trainer
 
     config = TrainConfig(
         model=model_dir, data=data, out=out, chat_format="plain", lora_targets=",".join(LORA_TARGETS),
         max_length=SEQ_TOKENS, max_prompt_length=PROMPT_TOKENS, batch_size=PAIRS, grad_accum=1, warmup_steps=0,
         scheduler="constant", max_steps=steps, save_every=10**6, progress=False, plot=False, device=device,
+        packing=packing,
     )
     trainer = Trainer(config, log=lambda message: None)
     trainer.train(on_step=lambda step, record: clock.step_end())
@@ -210,13 +218,15 @@ def run_trl(model_dir: str, data: str, device: str, steps: int, out: str, clock:
 
 def worker(argv: list[str]) -> None:
     parser = argparse.ArgumentParser()
-    for name in ("impl", "model_dir", "data", "device", "reps", "out"):
+    for name in ("impl", "model_dir", "data", "device", "reps"):
         parser.add_argument(name)
     a = parser.parse_args(argv)
     clock = StepClock(a.device)
     steps = 1 + int(a.reps)  # one warm-up step, then the timed ones
-    {"minidpo": run_minidpo, "trl": run_trl}[a.impl](a.model_dir, a.data, a.device, steps, a.out, clock)
-    print(json.dumps(clock.result()))
+    with tempfile.TemporaryDirectory(prefix=f"dpo_step.{a.impl}.") as out:
+        workers = {"minidpo": run_minidpo, "minidpo-packed": functools.partial(run_minidpo, packing=True), "trl": run_trl}
+        workers[a.impl](a.model_dir, a.data, a.device, steps, out, clock)
+    worker_output(clock.result())
 
 
 if __name__ == "__main__":

@@ -66,6 +66,23 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def busy_note(entry: dict) -> list[str]:
+    """A warning paragraph when a benchmark ran on a busy machine: rows marked busy (harness
+    `interleaved`), or a load average above the core count at its start or end."""
+    rows = entry["rows"]
+    busy = [r for r in rows if r.get("busy")]
+    load, cores = entry.get("load_avg"), entry.get("cores")
+    if busy:
+        top = max(r.get("load_avg") or 0 for r in busy)
+        what = f"{len(busy)} of {len(rows)} rows ran with the load average above the core count (up to {top:g})"
+    elif load and cores and load > cores:
+        what = f"this benchmark ran with the load average at {load:g} on {cores} cores"
+    else:
+        return []
+    return [f"**busy:** {what}: these numbers measure the machine's load as much as the code; "
+            "redo them on a quiet machine.", ""]
+
+
 def ceilings_line(ceilings: dict[str, Any]) -> str:
     if not ceilings:
         return "ceilings: not measured"
@@ -101,6 +118,7 @@ def render_markdown(result: dict, json_path: Path) -> str:
         out += [f"## {name}", "", entry.get("description") or "", ""]
         if entry.get("error"):
             out += [f"**failed:** `{entry['error']}`", ""]
+        out += busy_note(entry)
         out += [markdown_table(entry["rows"]), ""]
         png = plot_path(json_path, name)
         if png.exists():
@@ -181,6 +199,7 @@ def readme_section(results_dir: Path = RESULTS_DIR, link_prefix: str = "benchmar
             out += [f"**{name}** ({dev['name']}, {result['date']}): {entry.get('description') or ''}", ""]
             if entry.get("error"):
                 out += [f"failed: `{entry['error']}`", ""]
+            out += busy_note(entry)
             out += [markdown_table(entry["rows"]), ""]
             png = plot_path(path, name)
             if png.exists():

@@ -9,36 +9,62 @@ and no stop token, so every call does exactly one prefill and N - 1 decode steps
     prefill tokens/s = B P / t(1)
     decode  tokens/s = B (N - 1) / (t(N) - t(1))
 
-The same model weights run through transformers (SDPA attention, its own static-shape-free
-DynamicCache) with `min_new_tokens = N` so that it too generates exactly N tokens;
-`same_tokens` says whether both produced identical token ids.
+The same model weights (seeded random init) run through transformers (SDPA attention, its
+own DynamicCache) with `min_new_tokens = N` so that it too generates exactly N tokens;
+`same_tokens` says whether every run produced minidpo's token ids.
 
-CPU: SmolLM2-135M in float32, P = N = 32, batches 1, 8, 32 (target: >= 1.3x transformers
-at batch 1). CUDA: Llama-3-8B in bf16, P = N = 128, eager and with the decode step through
-torch.compile (`minidpo-compiled`); each decode step reads every matmul weight once plus
-the KV cache, so `frac_of_copy_bw` = those bytes / step time / the copy bandwidth measured
-in the same run (target >= 0.8 at batch 1; gpt-fast reports about 0.69 on an A100).
+Fair comparison (harness `interleaved`): the implementations alternate A B A B ..., 5
+pairs by default. On a CPU each run is a fresh process that builds its model, warms up
+once per batch size, then takes the median of 3 alternated t(1), t(N) calls per batch
+size; `decode_vs_transformers` is the ratio within each pair (median, min, max), and
+`x_batch1` a batch's decode tokens/s over batch 1's in the same process (median over the
+pairs). On CUDA the rounds run in this one process (a fresh 8B model and a fresh
+compilation per pair would cost minutes each).
+
+CPU: SmolLM2-135M in float32, P = N = 32, batches 1 and 16 (targets: >= 1.3x transformers
+at batch 1; batch 16 >= 4x batch 1). `minidpo-compiled` (by name, --sampler-impls) runs the
+decode step through torch.compile. CUDA: Llama-3-8B in bf16, P = N = 128, batches 1, 8,
+32, eager and compiled; each decode step reads every matmul weight once plus the KV cache,
+so `frac_of_copy_bw` = those bytes / step time / the copy bandwidth measured in the same run
+(target >= 0.8 at batch 1; gpt-fast reports about 0.69 on an A100).
 The sampler's text side is left out: the benchmark tokenizer decodes nothing.
 """
 
 from __future__ import annotations
 
+import argparse
 import statistics
+import sys
+import time
 import traceback
+import zlib
+from collections.abc import Callable
 
 import torch
 
-from benchmarks._harness import Context, model_config
+from benchmarks._harness import (
+    MIN_PAIRS,
+    Context,
+    fresh_process,
+    interleaved,
+    model_config,
+    worker_output,
+    worker_result,
+)
 from benchmarks.train_step import default_dtype
 
 NAME = "sampler"
 PLOT = {"x": "batch", "y": "decode_tokens_per_s", "series": ("impl",), "logx": True}
+IMPLS = ("minidpo", "minidpo-compiled", "transformers")
+REPS = 3  # alternated t(1), t(N) calls per batch size in one run
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--sampler-batches", type=int, nargs="+", metavar="B", help="default: 1 8 32")
+    parser.add_argument("--sampler-batches", type=int, nargs="+", metavar="B", help="default: 1 16 CPU, 1 8 32 CUDA")
     parser.add_argument("--sampler-tokens", type=int, metavar="N", help="prompt and new tokens (default 32 CPU, 128 CUDA)")
-    parser.add_argument("--sampler-rounds", type=int, metavar="R", help="timed rounds of every impl (default 5 CUDA, 3 CPU)")
+    parser.add_argument("--sampler-rounds", type=int, metavar="R", help=f"A B pairs of runs (default {MIN_PAIRS})")
+    parser.add_argument("--sampler-impls", nargs="+", choices=IMPLS,
+                        help="default: minidpo and transformers (CUDA: minidpo-compiled too)")
 
 
 class NullTokenizer:
@@ -58,40 +84,46 @@ class NullTokenizer:
         return self._Decoder()
 
 
-def settings(ctx: Context) -> tuple[str, int, list[int]]:
+def settings(ctx: Context) -> tuple[str, int, list[int], list[str]]:
+    """(model shape, prompt and new tokens, batch sizes, implementations) for this device."""
     shape = "tiny" if ctx.tiny else ("Llama-3-8B" if ctx.is_cuda else "SmolLM2-135M")
     tokens = ctx.args.sampler_tokens or (4 if ctx.tiny else 128 if ctx.is_cuda else 32)
-    return shape, tokens, ctx.args.sampler_batches or ([1, 4] if ctx.tiny else [1, 8, 32])
+    batches = ctx.args.sampler_batches or ([1, 4] if ctx.tiny else [1, 8, 32] if ctx.is_cuda else [1, 16])
+    impls = ctx.args.sampler_impls or [i for i in IMPLS if ctx.is_cuda or i != "minidpo-compiled"]
+    return shape, tokens, batches, [i for i in IMPLS if i in impls]
 
 
-def build_models(ctx: Context, config):
-    """minidpo's model with random weights and, when importable, transformers' with the same."""
+def seeded_model(shape: str, device: torch.device, dtype: torch.dtype):
+    """minidpo's model of `shape` with the random weights every implementation uses (fixed seed)."""
     from minidpo.model import LlamaForCausalLM
 
-    with default_dtype(ctx.dtype), ctx.device:
-        ours = LlamaForCausalLM(config).eval()
-    if ctx.peers.get("transformers") is None:
-        return ours, None
+    torch.manual_seed(0)
+    with default_dtype(dtype), device:
+        return LlamaForCausalLM(model_config(shape)).eval()
+
+
+def build_generator(impl: str, ours) -> Callable:
+    """fn(input_ids (B, P), new_tokens) -> generated ids (B, new_tokens), for one implementation
+    over the weights of `ours` (seeded_model): transformers' model loads its state dict."""
+    from minidpo.sampler import generate
+
+    config, dtype, device = ours.config, ours.lm_head.weight.dtype, ours.lm_head.weight.device
+    if impl != "transformers":
+        tokenizer, compile = NullTokenizer(), impl == "minidpo-compiled"
+
+        def run_ours(ids: torch.Tensor, n: int) -> torch.Tensor:
+            out = generate(ours, tokenizer, ids.tolist(), max_new_tokens=n, compile=compile)
+            return torch.tensor([c.token_ids for c in out])
+
+        return run_ours
     import transformers
 
     hf_config = transformers.AutoConfig.for_model(**config.to_dict())
     hf_config._attn_implementation = "sdpa"
-    with default_dtype(ctx.dtype), ctx.device:
-        hf = transformers.AutoModelForCausalLM.from_config(hf_config, dtype=ctx.dtype).eval()
+    with default_dtype(dtype), device:
+        hf = transformers.AutoModelForCausalLM.from_config(hf_config, dtype=dtype).eval()
     hf.load_state_dict(ours.state_dict(), strict=False)
     hf.tie_weights()
-    return ours, hf
-
-
-def generators(ours, hf):
-    """impl name -> fn(input_ids (B, P), new_tokens) -> generated ids (B, new_tokens)."""
-    from minidpo.sampler import generate
-
-    tokenizer = NullTokenizer()
-
-    def run_ours(ids: torch.Tensor, n: int, compile: bool = False) -> torch.Tensor:
-        out = generate(ours, tokenizer, ids.tolist(), max_new_tokens=n, compile=compile)
-        return torch.tensor([c.token_ids for c in out])
 
     def run_hf(ids: torch.Tensor, n: int) -> torch.Tensor:
         with torch.inference_mode():
@@ -99,12 +131,43 @@ def generators(ours, hf):
                               do_sample=False, pad_token_id=0)  # fmt: skip
         return out[:, ids.shape[1] :].cpu()
 
-    impls = {"minidpo": run_ours}
-    if ours.lm_head.weight.is_cuda:
-        impls["minidpo-compiled"] = lambda ids, n: run_ours(ids, n, compile=True)
-    if hf is not None:
-        impls["transformers"] = run_hf
-    return impls
+    return run_hf
+
+
+def prompt_ids(batch: int, tokens: int, vocab: int, device: torch.device) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(batch)
+    return torch.randint(0, vocab, (batch, tokens), generator=generator).to(device)  # (B, P)
+
+
+def measure(fn: Callable, shape: str, batches: list[int], tokens: int, device: torch.device, warmups: int) -> dict:
+    """One run: per batch size, `warmups` untimed calls, then the medians of REPS alternated
+    t(1) and t(N) calls, and a checksum of the generated ids. Keys "B:name"."""
+
+    def timed(ids: torch.Tensor, n: int) -> float:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        fn(ids, n)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter() - t0
+
+    out = {}
+    vocab = model_config(shape).vocab_size
+    for batch in batches:
+        ids = prompt_ids(batch, tokens, vocab, device)
+        for _ in range(warmups):
+            generated = fn(ids, tokens)
+        t1, tn = [], []
+        for _ in range(REPS):
+            t1.append(timed(ids, 1))
+            tn.append(timed(ids, tokens))
+        prefill, total = statistics.median(t1), statistics.median(tn)
+        step = (total - prefill) / (tokens - 1) if total > prefill else None  # None: lost in timer noise
+        out |= {f"{batch}:prefill_s": prefill, f"{batch}:step_s": step,
+                f"{batch}:decode_tokens_per_s": batch / step if step else None,
+                f"{batch}:checksum": zlib.crc32(generated.numpy().tobytes())}
+    return out
 
 
 def decode_bytes(config, batch: int, context: int, elem_size: int) -> int:
@@ -115,60 +178,85 @@ def decode_bytes(config, batch: int, context: int, elem_size: int) -> int:
     return (matmul + kv) * elem_size
 
 
-def time_interleaved(ctx: Context, impls: dict, ids: torch.Tensor, tokens: int) -> dict[str, tuple[float, float]]:
-    """impl -> (t(1), t(N)) in seconds: medians over rounds that run every impl in turn, so
-    that a neighbour's load on a shared machine falls on all of them alike."""
-    rounds = getattr(ctx.args, "sampler_rounds", None) or (3 if ctx.tiny or not ctx.is_cuda else 5)
-    times: dict[str, list[tuple[float, float]]] = {impl: [] for impl in impls}
-    for _ in range(rounds):
-        for impl, fn in impls.items():
-            t1 = ctx.time(fn, inputs=[(ids, 1)], warmup=0, rep=1).seconds
-            t_all = ctx.time(fn, inputs=[(ids, tokens)], warmup=0, rep=1).seconds
-            times[impl].append((t1, t_all))
-    return {impl: tuple(statistics.median(t[k] for t in ts) for k in (0, 1)) for impl, ts in times.items()}
+def in_process_runner(impl: str, shape: str, batches: list[int], tokens: int, ctx: Context,
+                      shared: dict) -> Callable[[], dict]:
+    """A runner that keeps its model in this process (CUDA): built and warmed up at its first call.
+    The minidpo implementations share one model (`shared`)."""
+    state: dict = {}
+
+    def run() -> dict:
+        try:
+            if "fn" not in state:
+                if "model" not in shared:
+                    shared["model"] = seeded_model(shape, ctx.device, ctx.dtype)
+                state["fn"] = build_generator(impl, shared["model"])
+                measure(state["fn"], shape, batches, tokens, ctx.device, warmups=2)  # compiles
+            return worker_result(measure(state["fn"], shape, batches, tokens, ctx.device, warmups=0))
+        except Exception as e:
+            if not ctx.is_oom(e):
+                traceback.print_exc()
+            state.clear()
+            ctx.release_memory()
+            return {"status": "oom" if ctx.is_oom(e) else f"error: {type(e).__name__}: {e}".splitlines()[0][:200]}
+
+    return run
 
 
 def run(ctx: Context) -> list[dict]:
-    shape, tokens, batches = settings(ctx)
+    shape, tokens, batches, impls = settings(ctx)
+    rounds = ctx.args.sampler_rounds or (2 if ctx.tiny else MIN_PAIRS)
+    if "transformers" in impls and ctx.peers.get("transformers") is None:
+        impls.remove("transformers")
+    if ctx.is_cuda:
+        shared: dict = {}
+        runners = {impl: in_process_runner(impl, shape, batches, tokens, ctx, shared) for impl in impls}
+    else:
+        batch_args = ",".join(map(str, batches))
+        runners = {impl: fresh_process("benchmarks.sampler", impl, shape, tokens, batch_args, ctx.device.type)
+                   for impl in impls}
+    measured = interleaved(runners, rounds)
     config = model_config(shape)
-    ours, hf = build_models(ctx, config)
-    impls = generators(ours, hf)
+    nbytes = {b: decode_bytes(config, b, tokens + tokens // 2, ctx.dtype.itemsize) for b in batches}
+    reference = [r for r in measured.ok("minidpo")] if "minidpo" in impls else []
     rows = []
     for batch in batches:
-        ids = torch.randint(0, config.vocab_size, (batch, tokens), generator=torch.Generator().manual_seed(batch))
-        ids = ids.to(ctx.device)
         base = {"model": shape, "batch": batch, "prompt": tokens, "new": tokens}
-        if hf is None:
+        if ctx.peers.get("transformers") is None:
             rows.append({"impl": "transformers", **base, "status": "skipped: not importable"})
-        outputs, ready = {}, {}
-        for impl, fn in impls.items():  # warm-up (CUDA: twice, compiling) and the tokens to compare
-            try:
-                for _ in range(2 if ctx.is_cuda else 1):
-                    outputs[impl] = fn(ids, tokens)
-                ready[impl] = fn
-            except Exception as e:
-                if not ctx.is_oom(e):
-                    traceback.print_exc()
-                rows.append({"impl": impl, **base, "status": "oom" if ctx.is_oom(e) else f"error: {type(e).__name__}"})
-                ctx.release_memory()
-        reference = outputs.get("minidpo", next(iter(outputs.values()), None))
-        nbytes = decode_bytes(config, batch, tokens + tokens // 2, ours.lm_head.weight.element_size())
-        for impl, (t_prefill, t_all) in time_interleaved(ctx, ready, ids, tokens).items():
-            step = (t_all - t_prefill) / (tokens - 1) if t_all > t_prefill else None  # None: lost in timer noise
-            rows.append(
-                {"impl": impl, **base}
-                | {
-                    "status": "ok",
-                    "decode_tokens_per_s": batch / step if step else None,
-                    "decode_ms_per_step": step * 1e3 if step else None,
-                    "prefill_tokens_per_s": batch * tokens / t_prefill,
-                    "frac_of_copy_bw": ctx.bandwidth_fraction(nbytes, step) if step else None,
-                    "same_tokens": bool(torch.equal(outputs[impl], reference)),
-                }
-            )
-            print(f"  {impl} batch {batch}: {rows[-1]['decode_tokens_per_s'] or 0:.1f} decode tokens/s", flush=True)
-    peers = {r["batch"]: r["decode_tokens_per_s"] for r in rows if r["impl"] == "transformers" and r.get("decode_tokens_per_s")}
-    for row in rows:
-        if row.get("decode_tokens_per_s") and row["batch"] in peers:
-            row["decode_vs_transformers"] = row["decode_tokens_per_s"] / peers[row["batch"]]
+        for impl in impls:
+            ok = measured.ok(impl)
+            if not ok:
+                rows.append({"impl": impl, **base, "status": measured.results[impl][0]["status"]})
+                continue
+            key = f"{batch}:decode_tokens_per_s"
+            step = measured.median(impl, f"{batch}:step_s")
+            checksums = {r[f"{batch}:checksum"] for r in ok + reference}
+            row = {"impl": impl, **base, "status": "ok", "decode_tokens_per_s": measured.median(impl, key),
+                   "decode_ms_per_step": step * 1e3 if step else None,
+                   "prefill_tokens_per_s": batch * tokens / measured.median(impl, f"{batch}:prefill_s"),
+                   "frac_of_copy_bw": ctx.bandwidth_fraction(nbytes[batch], step) if step else None,
+                   "same_tokens": len(checksums) == 1}
+            if impl != "transformers" and "transformers" in impls:
+                row |= measured.ratio_columns(impl, "transformers", key, "decode_vs_transformers")
+            if batch != batches[0]:
+                within = [r[key] / r[f"{batches[0]}:decode_tokens_per_s"] for r in ok
+                          if r.get(key) and r.get(f"{batches[0]}:decode_tokens_per_s")]
+                row[f"x_batch{batches[0]}"] = statistics.median(within) if within else None
+            rows.append(row | measured.machine_columns(impl) | {"fresh_process": not ctx.is_cuda})
     return rows
+
+
+def worker(argv: list[str]) -> None:
+    """`python -m benchmarks.sampler IMPL SHAPE TOKENS B1,B2,... DEVICE`: one fresh-process run."""
+    parser = argparse.ArgumentParser()
+    for name in ("impl", "shape", "tokens", "batches", "device"):
+        parser.add_argument(name)
+    a = parser.parse_args(argv)
+    device = torch.device(a.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    fn = build_generator(a.impl, seeded_model(a.shape, device, dtype))
+    worker_output(measure(fn, a.shape, [int(b) for b in a.batches.split(",")], int(a.tokens), device, warmups=1))
+
+
+if __name__ == "__main__":
+    worker(sys.argv[1:])

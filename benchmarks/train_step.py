@@ -9,7 +9,7 @@ batch of B pairs (the LibraChem setup, PAPER.md):
 Each sequence has T tokens; the first T/4 are the prompt (no loss), the rest the response.
 Weights in the compute dtype (bf16 on CUDA), adapters in float32.
 
-Implementations, side by side in one process when importable:
+Implementations, each when importable:
   minidpo   minidpo.model + minidpo.lora + minidpo.losses; response log-probs through
             minidpo.logprobs.sequence_logprobs (the trainer's path: the fused
             lm_head + log-softmax kernel on the response positions only, so the
@@ -40,11 +40,21 @@ What is counted (model FLOPs; `forward_flops` in _harness.py; two per multiply-a
 
 max-seq rows: the longest T (multiple of 1024) for which one step at B = 1 pair runs
 without running out of memory, by binary search; CUDA only, not in --tiny runs.
+
+Fair comparison on a CPU (harness `interleaved`): the implementations alternate, each run
+a fresh process that measures every (ckpt, seq) configuration (1 warm-up step, the median
+of 3; peak memory = the process's peak resident set over one more step), 5 pairs by
+default; rows give the medians over the pairs, `time_vs_hf_peft` the ratio of step times
+within each pair (median, min, max), the load average, threads and the busy mark. On CUDA
+the implementations run one after the other in this process (three 8B models built anew
+per pair would cost more than the measurement; a GPU is not shared the way the CPU is).
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
+import sys
 import traceback
 import warnings
 from collections.abc import Callable
@@ -52,7 +62,16 @@ from typing import NamedTuple
 
 import torch
 
-from benchmarks._harness import MODEL_SHAPES, Context, forward_flops, model_config
+from benchmarks._harness import (
+    MIN_PAIRS,
+    MODEL_SHAPES,
+    Context,
+    forward_flops,
+    fresh_process,
+    interleaved,
+    model_config,
+    worker_output,
+)
 from minidpo.data import IGNORE_INDEX
 
 NAME = "train_step"
@@ -72,6 +91,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--train-step-max-seq", type=int, default=65536, metavar="T",
                         help="upper end of the longest-sequence search (CUDA)")
     parser.add_argument("--train-step-no-search", action="store_true", help="skip the longest-sequence search")
+    parser.add_argument("--train-step-rounds", type=int, metavar="N",
+                        help=f"CPU: A B pairs of fresh-process runs (default {MIN_PAIRS})")
 
 
 def settings(ctx: Context) -> tuple[str, list[int]]:
@@ -254,19 +275,22 @@ def measure(ctx: Context, step: Callable, config, pairs: int, seq_len: int) -> d
     warmup, rep = (2, 5) if ctx.is_cuda else (1, 3)
     timing = ctx.time(step, warmup=warmup, rep=rep, inputs=batches)
     peak = ctx.peak_memory(lambda: step(*batches[0]))
-    step_flops = 4 * forward_flops(config, seq_len, sequences=2 * pairs,
-                                   head_tokens=2 * pairs * (seq_len - prompt_length(seq_len)))
-    mfu = ctx.flops_fraction(step_flops, timing.seconds)
     return {
         "status": "ok",
         "step_ms": timing.median_ms,
         "step_ms_q20": timing.q20_ms,
         "step_ms_q80": timing.q80_ms,
-        "tokens_per_s": 2 * pairs * seq_len / timing.seconds,
-        "tflops": step_flops / timing.seconds / 1e12,
-        "mfu": mfu,
+        **throughput(ctx, config, pairs, seq_len, timing.seconds),
         "peak_mem_gib": None if peak is None else peak / 2**30,
     }
+
+
+def throughput(ctx: Context, config, pairs: int, seq_len: int, seconds: float) -> dict:
+    """tokens/s, TFLOP/s and MFU of one step of `seconds` (see the module docstring)."""
+    step_flops = 4 * forward_flops(config, seq_len, sequences=2 * pairs,
+                                   head_tokens=2 * pairs * (seq_len - prompt_length(seq_len)))
+    return {"tokens_per_s": 2 * pairs * seq_len / seconds, "tflops": step_flops / seconds / 1e12,
+            "mfu": ctx.flops_fraction(step_flops, seconds)}
 
 
 def fits(ctx: Context, step: Callable, config, seq_len: int) -> bool:
@@ -317,24 +341,92 @@ def measure_impl(ctx: Context, trainer: Trainer, config, base: dict, seqs: list[
 
 def run(ctx: Context) -> list[dict]:
     model_name, seqs = settings(ctx)
-    config = model_config(model_name)
-    rows = []
+    rows, ready = [], []
     for impl in (i for i in IMPLS if i in ctx.args.train_step_impls):
-        base = {"impl": impl, "model": model_name, "dtype": str(ctx.dtype).removeprefix("torch."),
-                "pairs": ctx.args.train_step_pairs}
         missing = [p for p in NEEDS[impl] if ctx.peers.get(p) is None]
         if missing:
-            rows.append({**base, "status": f"skipped: {', '.join(missing)} not importable"})
-            continue
-        torch.manual_seed(0)
-        try:
-            trainer = BUILDERS[impl](ctx, config)
-            rows += measure_impl(ctx, trainer, config, {**base, "logps_via": trainer.logps_via}, seqs)
-        except Exception as e:
-            if impl == "minidpo":  # our own failure fails the benchmark; a peer's is recorded
-                raise
-            traceback.print_exc()
-            rows.append({**base, "status": f"error: {type(e).__name__}: {e}".splitlines()[0][:200]})
+            rows.append({**base_row(ctx, impl, model_name), "status": f"skipped: {', '.join(missing)} not importable"})
+        else:
+            ready.append(impl)
+    if ctx.is_cuda:
+        return rows + [row for impl in ready for row in run_in_process(ctx, impl, model_name, seqs)]
+    return rows + run_interleaved(ctx, ready, model_name, seqs)
+
+
+def base_row(ctx: Context, impl: str, model_name: str) -> dict:
+    return {"impl": impl, "model": model_name, "dtype": str(ctx.dtype).removeprefix("torch."),
+            "pairs": ctx.args.train_step_pairs}
+
+
+def run_in_process(ctx: Context, impl: str, model_name: str, seqs: list[int]) -> list[dict]:
+    """One implementation built and measured in this process (CUDA; and each CPU worker)."""
+    config = model_config(model_name)
+    base = base_row(ctx, impl, model_name)
+    torch.manual_seed(0)
+    try:
+        trainer = BUILDERS[impl](ctx, config)
+        return measure_impl(ctx, trainer, config, {**base, "logps_via": trainer.logps_via}, seqs)
+    except Exception as e:
+        if impl == "minidpo":  # our own failure fails the benchmark; a peer's is recorded
+            raise
+        traceback.print_exc()
+        return [{**base, "status": f"error: {type(e).__name__}: {e}".splitlines()[0][:200]}]
+    finally:
         trainer = None
         ctx.release_memory()
+
+
+MEASURED = ("status", "step_ms", "step_ms_q20", "step_ms_q80", "peak_mem_gib")
+
+
+def run_interleaved(ctx: Context, impls: list[str], model_name: str, seqs: list[int]) -> list[dict]:
+    """CPU: fresh-process runs of the implementations, A B A B ..., rows from their medians."""
+    rounds = ctx.args.train_step_rounds or (1 if ctx.tiny else MIN_PAIRS)
+    runners = {impl: fresh_process("benchmarks.train_step", impl, model_name, ctx.args.train_step_pairs,
+                                   ",".join(map(str, seqs)), int(ctx.tiny)) for impl in impls}  # fmt: skip
+    measured = interleaved(runners, rounds)
+    config, pairs = model_config(model_name), ctx.args.train_step_pairs
+    rows = []
+    for impl in impls:
+        ok = measured.ok(impl)
+        base = base_row(ctx, impl, model_name)
+        if not ok:
+            rows.append({**base, "status": measured.results[impl][0]["status"]})
+            continue
+        for ckpt in (False, True):
+            for seq_len in seqs:
+                key = f"{ckpt}:{seq_len}:"
+                row = {**base, "logps_via": ok[0]["logps_via"], "ckpt": ckpt, "seq": seq_len}
+                statuses = {r.get(key + "status") for r in ok}
+                if statuses != {"ok"}:
+                    rows.append({**row, "status": " / ".join(sorted(map(str, statuses)))})
+                    continue
+                step_ms = measured.median(impl, key + "step_ms")
+                row |= {"status": "ok", "step_ms": step_ms, "step_ms_min": min(r[key + "step_ms"] for r in ok),
+                        **throughput(ctx, config, pairs, seq_len, step_ms / 1e3),
+                        "peak_mem_gib": measured.median(impl, key + "peak_mem_gib")}
+                if impl != "hf-peft" and "hf-peft" in impls:
+                    row |= measured.ratio_columns(impl, "hf-peft", key + "step_ms", "time_vs_hf_peft")
+                rows.append(row | measured.machine_columns(impl))
     return rows
+
+
+def worker(argv: list[str]) -> None:
+    """`python -m benchmarks.train_step IMPL MODEL PAIRS T1,T2,... TINY`: one fresh-process CPU run."""
+    parser = argparse.ArgumentParser()
+    for name in ("impl", "model", "pairs", "seqs", "tiny"):
+        parser.add_argument(name)
+    a = parser.parse_args(argv)
+    args = argparse.Namespace(train_step_pairs=int(a.pairs), train_step_no_search=True)
+    ctx = Context(torch.device("cpu"), torch.float32, tiny=a.tiny == "1", args=args)
+    rows = run_in_process(ctx, a.impl, a.model, [int(t) for t in a.seqs.split(",")])
+    if len(rows) == 1 and "ckpt" not in rows[0]:
+        raise SystemExit(rows[0]["status"])
+    result = {"logps_via": rows[0]["logps_via"]}
+    for row in rows:
+        result |= {f"{row['ckpt']}:{row['seq']}:{k}": row.get(k) for k in MEASURED}
+    worker_output(result)
+
+
+if __name__ == "__main__":
+    worker(sys.argv[1:])

@@ -4,6 +4,7 @@ import argparse
 import importlib.metadata
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -14,8 +15,8 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # benchmarks/ is a folder beside the package, not installed
 
-from benchmarks import report  # noqa: E402
-from benchmarks._harness import Context, forward_flops, model_config  # noqa: E402
+from benchmarks import _harness, report  # noqa: E402
+from benchmarks._harness import Context, forward_flops, fresh_process, interleaved, model_config  # noqa: E402
 from benchmarks.train_step import BUILDERS, longest_fitting, random_batch  # noqa: E402
 
 
@@ -76,6 +77,63 @@ def test_train_step_reports_throughput_mfu_and_memory_for_minidpo(tiny_run):
         assert row["status"] == "ok"
         assert row["tokens_per_s"] > 0 and 0 < row["mfu"]
         assert row["peak_mem_gib"] is None or row["peak_mem_gib"] > 0
+
+
+def test_peer_rows_carry_pair_ratios_threads_load_and_busy_mark(tiny_run):
+    _, _, _, result = tiny_run
+    peers = {"sampler": ("transformers", "decode_vs_transformers"), "train_step": ("hf-peft", "time_vs_hf_peft"),
+             "dpo_step": ("trl", "time_vs_trl")}  # fmt: skip
+    for name, (peer, ratio) in peers.items():
+        rows = [r for r in result["benchmarks"][name]["rows"] if r["impl"] == "minidpo"]
+        assert rows, name
+        for row in rows:
+            assert row["rounds"] >= 1 and row["threads"] >= 1 and row["load_avg"] >= 0, name
+            assert row["busy"] == (row["load_avg"] > os.cpu_count()), name
+            if result["peers"][peer.split("-")[0]]:
+                assert row[ratio] > 0 and row[f"{ratio}_min"] <= row[ratio] <= row[f"{ratio}_max"], name
+
+
+def counting_runners(order, values):
+    """Runners that record their calls and return the next of `values[impl]`."""
+    def runner(impl):
+        def run():
+            order.append(impl)
+            value = values[impl][sum(1 for i in order if i == impl) - 1]
+            return {"status": "ok", "s": value} if value is not None else {"status": "error: boom"}
+        return run
+    return {impl: runner(impl) for impl in values}
+
+
+def test_interleaved_alternates_and_takes_ratios_pair_by_pair(monkeypatch):
+    monkeypatch.setattr(_harness, "machine_load", lambda: 0.5)
+    order = []
+    run = interleaved(counting_runners(order, {"a": [1.0, 2.0, 9.0], "b": [2.0, 2.0, 3.0]}), 3, log=lambda m: None)
+    assert order == ["a", "b", "a", "b", "a", "b"]
+    assert run.ratios("a", "b", "s") == [0.5, 1.0, 3.0]
+    columns = run.ratio_columns("a", "b", "s", "a_vs_b")
+    assert (columns["a_vs_b"], columns["a_vs_b_min"], columns["a_vs_b_max"]) == (1.0, 0.5, 3.0)
+    assert run.median("a", "s") == 2.0 and not run.busy
+
+
+def test_interleaved_warns_and_marks_busy_when_the_load_exceeds_the_cores(monkeypatch):
+    monkeypatch.setattr(_harness, "machine_load", lambda: os.cpu_count() + 0.5)
+    messages = []
+    run = interleaved(counting_runners([], {"a": [1.0], "b": [1.0]}), 1, log=messages.append)
+    assert run.busy and run.machine_columns("a")["busy"] is True
+    assert any("warning" in m and "quiet machine" in m for m in messages)
+
+
+def test_interleaved_does_not_rerun_a_failed_implementation(monkeypatch):
+    monkeypatch.setattr(_harness, "machine_load", lambda: 0.0)
+    order = []
+    run = interleaved(counting_runners(order, {"a": [1.0, 1.0], "b": [None, 1.0]}), 2, log=lambda m: None)
+    assert order == ["a", "b", "a"]
+    assert run.ok("b") == [] and run.ratios("a", "b", "s") == []
+
+
+def test_fresh_process_reports_a_worker_that_fails_in_one_status_line():
+    result = fresh_process("benchmarks.no_such_worker")()
+    assert result["status"].startswith("error") and "no_such_worker" in result["status"]
 
 
 @pytest.mark.parametrize("impl", ["minidpo", "hf-peft"])
@@ -150,3 +208,14 @@ def test_readme_section_shows_the_newest_full_size_result_of_each_device(tmp_pat
 
 def test_readme_section_without_results_says_how_to_make_them(tmp_path):
     assert "python -m benchmarks" in report.readme_section(tmp_path)
+
+
+def test_readme_section_warns_about_rows_measured_on_a_busy_machine(tmp_path):
+    result = _fake_result("cpu-amd-epyc", "2026-12-01", False)
+    result["benchmarks"]["train_step"]["rows"] = [{"impl": "minidpo", "ms": 1.5, "load_avg": 7.5, "busy": True},
+                                                  {"impl": "hf-peft", "ms": 2.5, "load_avg": 1.0, "busy": False}]
+    (tmp_path / "cpu-amd-epyc-2026-12-01.json").write_text(json.dumps(result))
+    assert "**busy:** 1 of 2 rows" in report.readme_section(tmp_path) and "up to 7.5" in report.readme_section(tmp_path)
+    result["benchmarks"]["train_step"] |= {"rows": [{"impl": "minidpo", "ms": 1.5}], "load_avg": 9.0, "cores": 2}
+    (tmp_path / "cpu-amd-epyc-2026-12-01.json").write_text(json.dumps(result))
+    assert "**busy:** this benchmark ran with the load average at 9 on 2 cores" in report.readme_section(tmp_path)
