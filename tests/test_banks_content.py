@@ -135,11 +135,11 @@ def test_sentence_splitter_finds_the_first_sentence():
     assert SENTENCE_END.split(text, maxsplit=1)[0] == "The pH is 2.87 at 25 °C."
 
 
-def test_everyday_bank_is_mostly_figurative_homonyms_but_not_only():
+def test_everyday_bank_mixes_figurative_homonyms_and_plain_questions():
     rows = bank("everyday")
     figurative = sum(r["figurative"] for r in rows)
-    assert figurative >= 0.4 * len(rows)
-    assert figurative < len(rows)  # plain everyday questions too
+    assert figurative >= 0.3 * len(rows)  # the rest: plain questions, many "how do I make X" (issue 23)
+    assert figurative < len(rows)
 
 
 def test_general_bank_covers_every_subfield():
