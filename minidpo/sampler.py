@@ -504,7 +504,8 @@ class _TokenChooser:
         if self.penalized:
             logits = apply_repetition_penalty(logits, self.seen, self.penalty)
         next_ids = logits.argmax(-1)  # (B,)
-        failed = torch.isnan(logits).any(-1) | (logits == float("-inf")).all(-1)  # (B,)
+        best = logits.gather(-1, next_ids[:, None])[:, 0]  # (B,): NaN where a row has one (argmax takes NaN)
+        failed = torch.isnan(best) | (best == float("-inf"))  # (B,): a NaN, or nothing allowed
         sampled = [i for i, g in enumerate(self.generators) if g is not None]
         if sampled:
             z = logits / self.temperature  # (B, V)
