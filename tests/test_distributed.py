@@ -155,11 +155,9 @@ def test_kill_9_then_resume_gives_the_uninterrupted_run(runs, tmp_path):
 
 def test_a_failing_rank_ends_the_run_with_one_line_per_rank(inputs, tmp_path):
     model_dir, data = inputs
-    started = time.monotonic()
     result = torchrun(str(WORKER), "fail", "2", str(tmp_path), "--", "train", "--model", str(model_dir), "--data",
-                      str(data), *SETTINGS, "--out", str(tmp_path / "run"), "--batch-size", "1", timeout=60)
+                      str(data), *SETTINGS, "--out", str(tmp_path / "run"), "--batch-size", "1")  # a hang times out
     assert result.returncode != 0
-    assert time.monotonic() - started < 60
     output = result.stdout + result.stderr
     errors = [line for line in output.splitlines() if line.startswith("minidpo: error:")]
     assert "minidpo: error: rank 1 of 2: injected failure" in errors
