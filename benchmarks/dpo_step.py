@@ -18,7 +18,7 @@ A B A B ..., 5 pairs by default), so a neighbour's load falls on all alike and o
 is not counted against another's. A run is one warm-up step, then `reps` timed steps (time
 from one step's end to the next's, median). `time_vs_trl` is
 minidpo's step time over TRL's within each pair (median, min, max over the pairs);
-`mem_vs_trl` the same for peak memory. Memory is the process's peak resident set over
+`mem_vs_trl` the same for peak memory; `time_vs_padded` packed over padded minidpo. Memory is the process's peak resident set over
 the timed steps (weights, libraries and interpreter included), reset after the warm-up
 (/proc/self/clear_refs), and `step_extra_gib`, that peak minus the resident set before
 the first timed step (activations, gradients and optimizer state beyond what stays). On
@@ -84,6 +84,8 @@ def run(ctx) -> list[dict]:
         if impl != "trl" and "trl" in impls:
             row |= run.ratio_columns(impl, "trl", "s_per_step", "time_vs_trl")
             row |= run.ratio_columns(impl, "trl", "peak_gib", "mem_vs_trl")
+        if impl == "minidpo-packed" and "minidpo" in impls:
+            row |= run.ratio_columns(impl, "minidpo", "s_per_step", "time_vs_padded")
         rows.append(row | run.machine_columns(impl))
     return rows
 

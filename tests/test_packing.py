@@ -87,6 +87,18 @@ def test_lora_gradients_equal_the_padded_forward():
         torch.testing.assert_close(grads[1][name], g, rtol=1e-10, atol=1e-12, msg=name)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="FlexAttention's block masks need CUDA")
+def test_flex_attention_block_mask_on_cuda_equals_the_padded_forward():
+    model = lora_model().cuda()
+    batch_examples = examples(ODD, seed=4)
+    unpacked, packed = collate(batch_examples, 0).to("cuda"), pack(batch_examples).to("cuda")
+    assert not isinstance(packed.labels.attention_mask(), torch.Tensor)  # a BlockMask
+    with torch.no_grad():
+        expected, _ = sequence_logprobs(model, unpacked.input_ids, unpacked.labels)
+        got, _ = sequence_logprobs(model, packed.input_ids, packed.labels)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-3)  # TF32 and another summation order
+
+
 def test_sliding_window_is_applied_at_the_unpacked_positions():
     model = lora_model(torch.float64, sliding_window=4)
     (expected, _), (got, _) = both(model, examples(ODD, seed=3))
