@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -207,11 +208,15 @@ def run_rephrase(
 
 @contextlib.contextmanager
 def exclusive(path: Path):
-    """Hold an advisory lock beside `path` so that two runs never append to it at once."""
+    """Hold an advisory lock on `path`'s folder so that two runs never append to it at once
+    (a lock on the folder itself leaves no lock file behind)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_name(f".{path.name}.lock"), "w") as lock:
+    folder = os.open(path.parent, os.O_RDONLY)
+    try:
         try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(folder, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise MiniDPOError(f"{path}: another `minidpo gen` run is writing it; wait for it to finish") from None
         yield
+    finally:
+        os.close(folder)

@@ -25,7 +25,7 @@ from safetensors.torch import save_file
 
 from minidpo.config import ModelConfig
 from minidpo.errors import MiniDPOError
-from minidpo.io import atomic_dir, atomic_write_json, read_json
+from minidpo.io import atomic_dir, atomic_write_json, check_output_dir, read_json
 
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
@@ -100,6 +100,7 @@ def load_model(
                     f"{file}: tensor {name!r} has shape {tuple(tensor.shape)}, config.json implies "
                     f"{tuple(target.shape)} (do config.json and the weights belong together?)"
                 )
+            _check_values(file, name, tensor, target)
             owner_name, _, attr = name.rpartition(".")
             if quantize and attr == "weight" and is_quantizable(owner_name, model.get_submodule(owner_name)):
                 quantize_layer(model, owner_name, tensor.to(device), dtype)
@@ -164,6 +165,18 @@ def _read_tensors(file: Path, names: list[str] | None):
         raise MiniDPOError(f"{file}: corrupt or truncated safetensors file ({_first_line(e)})") from None
 
 
+def _check_values(file: Path, name: str, tensor: torch.Tensor, target: torch.Tensor) -> None:
+    """A float where the model has a float, and no NaN or inf: one pass over each tensor at load
+    time, so that a damaged checkpoint is named here instead of producing NaN losses later."""
+    if target.is_floating_point() and not tensor.is_floating_point():
+        raise MiniDPOError(
+            f"{file}: tensor {name!r} has dtype {str(tensor.dtype).removeprefix('torch.')}, expected a float "
+            f"(float32, bfloat16 or float16); minidpo loads unquantized safetensors checkpoints"
+        )
+    if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+        raise MiniDPOError(f"{file}: tensor {name!r} holds NaN or inf values; the checkpoint is damaged")
+
+
 def _assign(model: torch.nn.Module, name: str, tensor: torch.Tensor) -> None:
     """Put `tensor` in place of the (meta) parameter or buffer called `name`."""
     owner_name, _, attr = name.rpartition(".")
@@ -225,10 +238,12 @@ def merge_adapter(
     folder's own dtype, float32 when it names none), with the base folder's tokenizer files.
     quantize="nf4" is for an adapter trained on the NF4 base (QLoRA): it is merged into the
     dequantized weights, the model it was trained with, and every layer is written dense.
+    `out` may not be a file, nor a folder of other files (it is replaced whole).
     """
     from minidpo.lora import load_adapter, merge_lora
     from minidpo.quant import dequantize_model
 
+    check_output_dir(out, "out", replaces="config.json")
     model, config = load_model(model_dir, dtype=torch.float32, quantize=quantize)
     load_adapter(model, adapter_dir)
     dequantize_model(merge_lora(model))
@@ -282,12 +297,15 @@ def write_weights(
 def parse_size(size: int | str) -> int:
     """Bytes in "5GB" (decimal), "2GiB" (binary), "100KB", "10MB" or an int."""
     if isinstance(size, int):
-        return size
+        size = str(size) + "B"
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?)B\s*", size.upper().replace("IB", "iB"))
     if m is None:
         raise MiniDPOError(f'shard size "{size}" is not understood (write e.g. 5GB, 500MB or 2GiB)')
     base = 1024 if m.group(3) else 1000
-    return int(float(m.group(1)) * base ** "_KMGT".index(m.group(2) or "_"))
+    limit = int(float(m.group(1)) * base ** "_KMGT".index(m.group(2) or "_"))
+    if limit < 1:
+        raise MiniDPOError(f'shard size "{size}" must be at least one byte (write e.g. 5GB, 500MB or 2GiB)')
+    return limit
 
 
 def copy_tokenizer_files(src: str | Path, dst: str | Path) -> list[str]:

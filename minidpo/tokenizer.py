@@ -13,7 +13,9 @@ tokenizer_config.json (bos/eos/pad/unk_token, additional_special_tokens,
 added_tokens_decoder, add_bos_token, chat_template), special_tokens_map.json,
 chat_template.jinja and generation_config.json (eos_token_id, one id or a list). The
 chat format is detected from the chat template (minidpo.chat.detect_chat_format) unless
-tokenizer_config.json names one as "chat_format" or the caller overrides it.
+tokenizer_config.json names one as "chat_format" or the caller overrides it. A chat template
+whose Jinja tags do not nest or close (`jinja_syntax_error`) is refused on load, as is a
+tokenizer with more ids than the embedding of the model beside it (config.json's vocab_size).
 
 Decoding is faithful: no clean_up_tokenization_spaces, so decode(encode(text)) == text.
 `StreamDecoder` turns a stream of ids into text for the sampler and the server, holding
@@ -27,7 +29,7 @@ import re
 from pathlib import Path
 
 from minidpo.chat import ChatFormat, detect_chat_format, get_chat_format
-from minidpo.errors import MiniDPOError
+from minidpo.errors import MiniDPOError, ParameterError
 from minidpo.io import read_json
 
 # End-of-turn / end-of-document tokens that stop generation wherever they exist.
@@ -191,7 +193,12 @@ class Tokenizer:
         named = {model.token_to_id(t) for t in END_OF_TURN_TOKENS} - {None}
         self.stop_token_ids: set[int] = {*generation_eos_ids, *named} | ({self.eos_token_id} - {None})
         self.chat_template = chat_template
-        self.chat_format = self.make_chat_format(chat_format or config.get("chat_format"))
+        try:
+            self.chat_format = self.make_chat_format(chat_format or config.get("chat_format"))
+        except MiniDPOError as e:  # an unknown name, from the caller or from tokenizer_config.json
+            if chat_format is None:
+                raise MiniDPOError(f"{source}: tokenizer_config.json: {e}") from None
+            raise ParameterError(f"chat_format: {e}", "chat_format") from None
 
     def chat_format_or(self, override: str | ChatFormat | None) -> ChatFormat:
         """`override` as a ChatFormat (a name or a format), or this tokenizer's own when None."""
@@ -284,15 +291,129 @@ def _read_optional_json(path: Path) -> dict:
 
 def _chat_template(folder: Path, tokenizer_config: dict) -> str | None:
     """The default chat template: tokenizer_config.json's (a string or named list) or chat_template.jinja."""
-    template = tokenizer_config.get("chat_template")
+    template, source = tokenizer_config.get("chat_template"), folder / "tokenizer_config.json"
     if isinstance(template, list):  # [{"name": "default", "template": ...}, {"name": "tool_use", ...}]
         template = next(
             (t.get("template") for t in template if isinstance(t, dict) and t.get("name") == "default"), None
         )
     jinja = folder / "chat_template.jinja"
     if template is None and jinja.is_file():
-        template = jinja.read_text(encoding="utf-8")
-    return template if isinstance(template, str) else None
+        template, source = read_text(jinja), jinja
+    if template is None:
+        return None
+    if not isinstance(template, str):
+        raise MiniDPOError(f'{source}: "chat_template" must be a string, got {type(template).__name__}')
+    problem = jinja_syntax_error(template)
+    if problem is not None:
+        raise MiniDPOError(f"{source}: chat_template is not valid Jinja ({problem}); fix it or remove it")
+    return template
+
+
+# Jinja statements that open a block, and the statement that closes each.
+_JINJA_BLOCKS = {"for", "if", "macro", "call", "filter", "block", "with", "raw", "autoescape", "generation", "set"}
+_JINJA_MIDDLE = {"elif": ("if",), "else": ("if", "for")}
+_JINJA_ENDRAW = re.compile(r"\{%[-+]?\s*endraw\s*[-+]?%\}")
+_BRACKETS = {"(": ")", "[": "]", "{": "}"}
+
+
+def jinja_syntax_error(template: str) -> str | None:
+    """The first structural mistake in a Jinja template, or None: a tag left open, brackets or
+    quotes unbalanced inside a tag, a block statement (for, if, macro, ...) without its end, an
+    end, elif or else out of place. Not a full parser: what it accepts may still fail to render,
+    but a template it refuses is refused by Jinja too (tests/test_bad_inputs.py checks both ways)."""
+    stack: list[str] = []
+    pos = 0
+    while (start := _next_tag(template, pos)) is not None:
+        opener = template[start : start + 2]
+        if opener == "{#":
+            end = template.find("#}", start + 2)
+            if end < 0:
+                return "a {# comment is never closed"
+            pos = end + 2
+            continue
+        end, problem = _tag_end(template, start + 2, "%}" if opener == "{%" else "}}")
+        if problem is not None:
+            return f"{problem} in {template[start : start + 40]!r}"
+        body, pos = template[start + 2 : end].strip("-+ \t\n"), end + 2
+        if opener == "{{":
+            if not body:
+                return "an empty {{ }}"
+            continue
+        word = body.split(None, 1)[0] if body else ""
+        if word == "raw":  # the text up to {% endraw %} is not parsed
+            if (m := _JINJA_ENDRAW.search(template, pos)) is None:
+                return "{% raw %} has no {% endraw %}"
+            pos = m.end()
+        elif word in _JINJA_BLOCKS and not (word == "set" and "=" in body):
+            stack.append(word)
+        elif word in _JINJA_MIDDLE:
+            if not stack or stack[-1] not in _JINJA_MIDDLE[word]:
+                return f"{{% {word} %}} outside {' or '.join(_JINJA_MIDDLE[word])}"
+        elif word.startswith("end"):
+            if not stack or stack[-1] != word[3:]:
+                expected = f"{{% end{stack[-1]} %}}" if stack else "no end tag"
+                return f"{{% {word} %}} where {expected} was expected"
+            stack.pop()
+    if stack:
+        return f"{{% {stack[-1]} %}} has no {{% end{stack[-1]} %}}"
+    return None
+
+
+def _next_tag(text: str, pos: int) -> int | None:
+    """Where the next {% / {{ / {# opens at or after `pos`, or None."""
+    found = [i for i in (text.find(d, pos) for d in ("{%", "{{", "{#")) if i >= 0]
+    return min(found) if found else None
+
+
+def _tag_end(text: str, i: int, closer: str) -> tuple[int, str | None]:
+    """(index of the `closer` that ends a tag whose body starts at i, None), skipping string
+    literals and brackets, or (-1, the problem) when the body is unbalanced or never closed."""
+    closing: list[str] = []
+    quote = None
+    while i < len(text):
+        c = text[i]
+        if quote:
+            if c == "\\":
+                i += 1
+            elif c == quote:
+                quote = None
+        elif c in "'\"":
+            quote = c
+        elif not closing and text.startswith(closer, i):
+            return i, None
+        elif c in _BRACKETS:
+            closing.append(_BRACKETS[c])
+        elif c in ")]}":
+            if not closing or closing.pop() != c:
+                return -1, f"an unmatched {c!r}"
+        i += 1
+    if quote:
+        return -1, "an unterminated string"
+    return -1, f"a missing {closing[-1]!r}" if closing else "a tag that is never closed"
+
+
+def read_text(path: Path) -> str:
+    """A UTF-8 text file; a missing or non-UTF-8 file is a one-line MiniDPOError."""
+    from minidpo.io import open_or_fail
+
+    with open_or_fail(path, binary=True) as f:
+        data = f.read()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise MiniDPOError(f"{path}: not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start})") from None
+
+
+def _model_vocab_size(folder: Path) -> int | None:
+    """config.json's vocab_size when the folder is a model folder (None otherwise)."""
+    config = folder / "config.json"
+    if not config.is_file():
+        return None
+    try:
+        vocab = read_json(config).get("vocab_size")
+    except (MiniDPOError, AttributeError):
+        return None  # a bad config.json is reported when the model loads
+    return vocab if isinstance(vocab, int) and not isinstance(vocab, bool) else None
 
 
 def load_tokenizer(path_or_dir, chat_format: str | ChatFormat | None = None) -> Tokenizer:
@@ -322,11 +443,20 @@ def load_tokenizer(path_or_dir, chat_format: str | ChatFormat | None = None) -> 
     additional = (
         tokenizer_config.get("additional_special_tokens", special_map.get("additional_special_tokens")) or []
     )
+    if not isinstance(additional, list):
+        raise MiniDPOError(f'{folder}: "additional_special_tokens" must be a list, got {type(additional).__name__}')
     specials = [config[k] for k in SPECIAL_TOKEN_KEYS if config[k] is not None]
     specials += [_token_content(t) for t in additional if _token_content(t) is not None]
     added = {}  # added_tokens_decoder: {"32000": {"content": "<pad>", "special": true, ...}}
-    for i, entry in (tokenizer_config.get("added_tokens_decoder") or {}).items():
+    decoder = tokenizer_config.get("added_tokens_decoder") or {}
+    if not isinstance(decoder, dict):
+        raise MiniDPOError(f'{folder / "tokenizer_config.json"}: "added_tokens_decoder" must be an object of id: token')
+    for i, entry in decoder.items():
         if _token_content(entry) is not None:
+            if not i.isdigit():
+                raise MiniDPOError(
+                    f'{folder / "tokenizer_config.json"}: "added_tokens_decoder" key {i!r} is not a token id'
+                )
             added[_token_content(entry)] = int(i)
             if entry.get("special"):
                 specials.append(entry["content"])
@@ -336,6 +466,12 @@ def load_tokenizer(path_or_dir, chat_format: str | ChatFormat | None = None) -> 
     else:
         model = SentencePieceModel(path, specials, added)
 
+    model_vocab = _model_vocab_size(folder)
+    if model_vocab is not None and model.vocab_size > model_vocab:
+        raise MiniDPOError(
+            f"{path}: the tokenizer has {model.vocab_size} ids but the model's vocab_size (config.json) is "
+            f"{model_vocab}; ids past it have no embedding: use the tokenizer the model was trained with"
+        )
     eos_ids = generation_config.get("eos_token_id")
     eos_ids = [i for i in (eos_ids if isinstance(eos_ids, list) else [eos_ids]) if isinstance(i, int)]
     return Tokenizer(

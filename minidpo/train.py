@@ -81,7 +81,14 @@ from minidpo.distributed import (
     wrap,
 )
 from minidpo.errors import MiniDPOError, ParameterError
-from minidpo.io import JsonlAppender, atomic_dir, atomic_write, atomic_write_json, load_jsonl_tolerant
+from minidpo.io import (
+    JsonlAppender,
+    atomic_dir,
+    atomic_write,
+    atomic_write_json,
+    check_output_dir,
+    load_jsonl_tolerant,
+)
 from minidpo.logprobs import SequenceLogprobs
 from minidpo.lora import LoRAConfig, apply_lora, save_adapter
 from minidpo.losses import check_loss_options, dpo_loss, is_reference_free, sft_loss
@@ -307,6 +314,11 @@ class Trainer:
 
         self.rng = RNGStream(c.seed, self.device)
         self.model, _ = load_model(c.model, dtype=base_dtype, device=self.device, quantize=c.quantize)
+        context = self.model.config.max_position_embeddings
+        for data in filter(None, (self.train_data, self.eval_data)):
+            if (longest := max(e.length for e in data.examples)) > context:
+                raise ParameterError(f"max_length {c.max_length} keeps examples of {longest} tokens in {data.path}, "
+                                     f"beyond the model's context of {context}; use at most {context}", "max_length")
         if c.full_finetune:
             for p in self.model.parameters():
                 p.requires_grad_(True)
@@ -357,6 +369,12 @@ class Trainer:
             raise ParameterError(f"max_steps must be >= 1, got {c.max_steps}", "max_steps")
         if not c.lr > 0:
             raise ParameterError(f"lr must be > 0, got {c.lr}", "lr")
+        for name in ("warmup_steps", "eval_every", "max_grad_norm", "weight_decay"):
+            if not getattr(c, name) >= 0:
+                raise ParameterError(f"{name} must be >= 0, got {getattr(c, name)}", name)
+        if c.rpo_alpha is not None and not c.rpo_alpha >= 0:
+            raise ParameterError(f"rpo_alpha must be >= 0, got {c.rpo_alpha}", "rpo_alpha")
+        check_output_dir(c.out, "out")
         check_quantize(c.quantize)
         if c.quantize and c.full_finetune:
             raise ParameterError("quantize freezes the base in 4 bits: it trains LoRA adapters, not full_finetune",

@@ -7,9 +7,11 @@ import sys
 from minidpo.commands.generate import (
     add_model_arguments,
     add_sampling_arguments,
+    check_sampling_arguments,
     load_for_inference,
     sampling_options,
 )
+from minidpo.errors import MiniDPOError
 
 HELP = "chat with a local model in the terminal (streams; /reset clears, /exit or Ctrl-D quits)"
 
@@ -23,9 +25,13 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
     from minidpo.sampler import generate, render_chat
 
+    check_sampling_arguments(args)
     model, tokenizer = load_for_inference(args)
     options = sampling_options(args, tokenizer)
     context = model.config.max_position_embeddings
+    if options["max_new_tokens"] >= context:
+        raise MiniDPOError(f"--max-new-tokens {options['max_new_tokens']} leaves no room for a message in the "
+                           f"model's context of {context} tokens; use fewer")  # fmt: skip
     system = [{"role": "system", "content": args.system}] if args.system else []
     history: list[dict] = []
     print(f"minidpo chat: {args.model} ({tokenizer.chat_format.name}); /reset clears, /exit or Ctrl-D quits",

@@ -5,6 +5,7 @@ from __future__ import annotations
 HELP = "convert a llama-architecture GGUF into config.json + model.safetensors + tokenizer files"
 
 DTYPES = ("float32", "bfloat16", "float16")
+FLAGS = {"out_dir": "OUT_DIR"}  # convert_gguf's parameter -> how this command spells it
 
 
 def add_arguments(parser) -> None:

@@ -15,8 +15,24 @@ def add_arguments(p):
     add_quantize_argument(p)
 
 
+def check_arguments(args) -> None:
+    """The mistakes that would otherwise show only after the demo has fetched a model or written data."""
+    from minidpo.config import ModelConfig
+    from minidpo.device import resolve_device
+    from minidpo.errors import MiniDPOError
+    from minidpo.io import check_output_dir
+
+    check_output_dir(args.out)
+    resolve_device(args.device)
+    if bool(args.judge_endpoint) != bool(args.judge_model):
+        raise MiniDPOError("give both --judge-endpoint URL and --judge-model NAME (or neither for rule-only)")
+    if args.model is not None:
+        ModelConfig.from_file(args.model)
+
+
 def run(args):
     from minidpo.demo import run_demo
 
+    check_arguments(args)
     run_demo(args.out, quick=args.quick, model_dir=args.model, device=args.device,
              judge_endpoint=args.judge_endpoint, judge_model=args.judge_model, quantize=args.quantize)

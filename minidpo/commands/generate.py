@@ -60,11 +60,40 @@ def load_for_inference(args):
     return model, tokenizer
 
 
-def sampling_options(args, tokenizer, *, raw: bool = False) -> dict:
-    """generate()'s keyword arguments from the sampling options (+ the chat format's stop strings)."""
+def check_sampling_arguments(args) -> None:
+    """Refuse bad sampling options before the model loads, naming the flag."""
+    import re
+
     from minidpo.errors import MiniDPOError
     from minidpo.sampler import SamplingParams
 
+    try:
+        SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                       top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
+                       stop=tuple(args.stop))  # fmt: skip
+    except ValueError as e:  # "top_p must be in (0, 1], got SamplingParams(...)" -> "--top-p must be ..."
+        message = re.sub(r"^\w+", lambda m: "--" + m.group(0).replace("_", "-"), str(e).split(", got")[0])
+        raise MiniDPOError(message) from None
+
+
+def check_context(prompt_lengths: list[int], max_new_tokens: int, context: int) -> None:
+    """Refuse prompts that, with --max-new-tokens of reply, do not fit the model's context
+    (max_position_embeddings), as vLLM does, instead of running past the positions it was trained on."""
+    from minidpo.errors import MiniDPOError
+
+    for i, n in enumerate(prompt_lengths, start=1):
+        if n == 0:
+            raise MiniDPOError(f"--prompt {i} is empty; give some text")
+        if n >= context:
+            raise MiniDPOError(f"--prompt {i} is {n} tokens, the model's context is {context} tokens "
+                               "(max_position_embeddings); shorten it")  # fmt: skip
+        if n + max_new_tokens > context:
+            raise MiniDPOError(f"--max-new-tokens {max_new_tokens}: prompt {i} ({n} tokens) and the reply would "
+                               f"exceed the model's context of {context} tokens; use at most {context - n}")  # fmt: skip
+
+
+def sampling_options(args, tokenizer, *, raw: bool = False) -> dict:
+    """generate()'s keyword arguments from the sampling options (+ the chat format's stop strings)."""
     options = dict(
         max_new_tokens=args.max_new_tokens,
         temperature=args.temperature,
@@ -74,10 +103,6 @@ def sampling_options(args, tokenizer, *, raw: bool = False) -> dict:
         repetition_penalty=args.repetition_penalty,
         stop=tuple(args.stop) + (() if raw else tokenizer.chat_format.stop_strings),
     )
-    try:
-        SamplingParams(**options)
-    except ValueError as e:
-        raise MiniDPOError(f"sampling options: {str(e).split(', got')[0]}") from None
     return options | {"seed": args.seed, "compile": args.compile}
 
 
@@ -92,10 +117,12 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
     from minidpo.sampler import generate, render_chat
 
+    check_sampling_arguments(args)
     model, tokenizer = load_for_inference(args)
     options = sampling_options(args, tokenizer, raw=args.raw)
     system = [{"role": "system", "content": args.system}] if args.system else []
     prompts = args.prompt if args.raw else [render_chat(tokenizer, [*system, {"role": "user", "content": p}]) for p in args.prompt]
+    check_context([len(tokenizer.encode(p)) for p in prompts], args.max_new_tokens, model.config.max_position_embeddings)
     if len(prompts) == 1:  # one prompt: stream it
         [completion] = generate(model, tokenizer, prompts, stream=lambda row, text: print(text, end="", flush=True), **options)
         print()

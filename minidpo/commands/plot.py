@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 HELP = "plot a training run's metrics.jsonl (loss, reward accuracy, margins) to a PNG"
+FLAGS = {"out_file": "--output"}  # plot_metrics' parameter -> this command's flag
 
 
 def add_arguments(parser) -> None:
