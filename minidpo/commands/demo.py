@@ -13,6 +13,9 @@ def add_arguments(p):
     p.add_argument("--judge-endpoint", default=None, help="OpenAI-compatible URL of an LLM judge (hybrid scoring)")
     p.add_argument("--judge-model", default=None, help="the judge's model name")
     add_quantize_argument(p)
+    p.add_argument("--split", choices=("test", "validation"), default="test",
+                   help="evaluate on the test splits (eval_*, the default) or the validation splits (val_*, for tuning)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
 def check_arguments(args) -> None:
@@ -35,4 +38,5 @@ def run(args):
 
     check_arguments(args)
     run_demo(args.out, quick=args.quick, model_dir=args.model, device=args.device,
-             judge_endpoint=args.judge_endpoint, judge_model=args.judge_model, quantize=args.quantize)
+             judge_endpoint=args.judge_endpoint, judge_model=args.judge_model, split=args.split,
+             progress=not args.no_progress, quantize=args.quantize)
