@@ -391,8 +391,8 @@ class Trainer:
         if skipped:
             self.log(f"minidpo: skipped {len(skipped)} bad line(s) of {path} (first: {skipped[0]}); --strict makes this fatal")
         if data.truncated:
-            self.log(f"minidpo: {data.truncated} of {len(data.examples)} examples in {path} truncated to "
-                     f"--max-length {c.max_length} / --max-prompt-length {c.max_prompt_length} tokens")
+            self.log(f"minidpo: training window {c.max_length} tokens (prompt up to {c.max_prompt_length}): "
+                     f"{data.truncated} of {len(data.examples)} examples in {path} are cut to it")
         return data
 
     def _prepare_reference(self, dtype: torch.dtype) -> None:
