@@ -1,7 +1,7 @@
 """LoRA-DPO training step: tokens/s, MFU and peak memory at real model shapes, random weights.
 
 One step is what DPO training with the reference "the same weights, adapters off" does per
-batch of B pairs (the LibraChem setup, PAPER.md):
+batch of B pairs (the LibraChem setup, arXiv 2501.13952):
   1. reference forward, no grad, adapters disabled, over the 2B sequences (chosen rows
      then rejected rows, one batch);
   2. policy forward + backward with LoRA r=8, alpha=16, dropout 0.05 on q/k/v;

@@ -3,7 +3,7 @@
 Long chain-of-thought models (DeepSeek-R1 and its distillations, QwQ) write their
 reasoning before the answer, either inline between <think> and </think> or, through an
 API, in a separate `reasoning_content` field of the message (DeepSeek's API, vLLM's
-reasoning parsers). The paper's finding (PAPER.md) is that the reasoning can describe
+reasoning parsers). The LibraChem paper's finding (arXiv 2501.13952) is that the reasoning can describe
 what the final answer refuses, so the two are judged separately: the rules and the judge
 score the final answer, and the judge alone scores the reasoning for a "reasoning leak".
 

@@ -1,7 +1,7 @@
 """Phase 2 of the LibraChem pipeline: k rephrasings of the prompt, the chosen and the
 rejected answer for every seed row, resumable and lossless.
 
-Roles (PAPER.md, phase 2): for a legitimate compound the chosen answers are correct
+Roles (the LibraChem paper, arXiv 2501.13952, phase 2): for a legitimate compound the chosen answers are correct
 outlines and the rejected ones unwarranted refusals; for an illegitimate compound the
 chosen answers are refusals with a safe redirection and the rejected ones are compliant
 in tone with "[procedure withheld]" where steps would be (gen/safety.py).

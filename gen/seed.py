@@ -9,7 +9,7 @@ compound may list "aliases" (street, trade or IUPAC names) that rephrasings use 
 of its name. The lists are the shipped LibraChem-mini ones, a user's file in the same
 format (compounds.jsonl), or proposed by an LLM (gen/prompts/propose_*.txt).
 
-The balanced seed (PAPER.md, phase 1) keeps both classes in a fixed legitimate :
+The balanced seed (the LibraChem paper, arXiv 2501.13952, phase 1) keeps both classes in a fixed legitimate :
 illegitimate ratio a:b, exactly: it takes u*a legitimate and u*b illegitimate compounds
 for the largest u the lists (and an optional limit) allow, so the model learns the
 boundary rather than a blanket refusal. Within a class the take is stratified by

@@ -18,7 +18,7 @@ After the reply (`end_of_turn`): chatml `<|im_end|>\\n`, llama3 `<|eot_id|>`, ll
 Sources: the chat_template strings in the tokenizer_config.json of HuggingFaceTB/
 SmolLM2-135M-Instruct, Qwen/Qwen2-7B-Instruct, meta-llama/Meta-Llama-3-8B-Instruct,
 meta-llama/Llama-2-7b-chat-hf and mistralai/Mistral-7B-Instruct-v0.2; the plain format is
-the LibraChem reference code's prompt (PAPER.md).
+the LibraChem reference code's prompt (arXiv 2501.13952).
 
 Training and generation must agree on the boundary between prompt and response (the bug
 TRL #2054 fixed: tokenizing prompt + response jointly and slicing at the prompt's length

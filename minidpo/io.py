@@ -1,6 +1,6 @@
 """Lossless file I/O shared by training, data generation and evaluation.
 
-Two rules from DESIGN.md live here so that every caller gets them the same way:
+Two of the project's rules live here so that every caller gets them the same way:
 - whole files (checkpoints, configs, reports) are written atomically: to a temporary
   name in the same folder, fsync'ed, then renamed over the target, so a crash leaves
   either the old file or the new one, never half of one;
