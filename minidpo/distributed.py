@@ -172,7 +172,11 @@ def gather_state(model: nn.Module, d: Distributed, *, trainable_only: bool = Tru
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     options = StateDictOptions(full_state_dict=True, cpu_offload=d.enabled, ignore_frozen_params=trainable_only)
-    return get_model_state_dict(model, options=options)
+    state = get_model_state_dict(model, options=options)
+    if trainable_only:  # a tied weight's second name (lm_head.weight) escapes ignore_frozen_params
+        trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+        state = {name: t for name, t in state.items() if name in trainable}
+    return state
 
 
 def gather_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, d: Distributed) -> dict:

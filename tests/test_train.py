@@ -132,6 +132,27 @@ def test_five_steps_kill_resume_five_equals_ten_straight(model_dir, toy_data, tm
     assert load_jsonl_tolerant(tmp_path / "a" / "metrics.jsonl") == load_jsonl_tolerant(tmp_path / "b" / "metrics.jsonl")
 
 
+def test_lora_on_tied_embeddings_checkpoints_only_the_adapter_and_resumes(toy_data, tmp_path):
+    tok = tiny_tokenizer(tmp_path / "tok")
+    tied = save_model(tiny_model(tok.vocab_size, tie_word_embeddings=True), tmp_path / "tied", tokenizer_from=tmp_path / "tok")
+    kw = dict(max_steps=4, save_every=2)
+    straight = train_dpo(config(tied, toy_data, tmp_path / "a", **kw), log=quiet)
+
+    def kill_at_2(step, record):
+        if step == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    with pytest.raises(KeyboardInterrupt):
+        train_dpo(config(tied, toy_data, tmp_path / "b", **kw), on_step=kill_at_2, log=quiet, catch_interrupt=True)
+    saved = load_file(str(tmp_path / "b" / "checkpoints" / "step-000002" / "trainable.safetensors"))
+    assert saved and all("lora_" in name for name in saved)
+    resumed = train_dpo(config(tied, toy_data, tmp_path / "b", resume=True, **kw), log=quiet)
+    assert resumed.steps == straight.steps == 4
+    a = load_file(str(tmp_path / "a" / "adapter" / "adapter_model.safetensors"))
+    b = load_file(str(tmp_path / "b" / "adapter" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_checkpoints_are_safetensors_and_json_only(model_dir, toy_data, tmp_path):
     train_dpo(config(model_dir, toy_data, tmp_path / "run", max_steps=2, save_every=1, keep_checkpoints=1), log=quiet)
     (ckpt,) = (tmp_path / "run" / "checkpoints").iterdir()
