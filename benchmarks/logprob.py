@@ -27,8 +27,11 @@ and `frac_copy` that rate over the copy bandwidth measured in the same run, so i
 "fraction of the floor reached". FLOPs (head rows): model FLOPs 2NVD forward, 6NVD with both
 gradients, 4NVD with the weight frozen; `frac_mm` is over the measured matmul rate.
 `extra_gib` is the CUDA allocator's peak during one call minus what was allocated before it
-(inputs and weights excluded). `x_eager` / `x_compile` are speed-ups over those rows of the
-same shape and pass; `mem_vs_eager` divides extra memory by eager's. `rel_err` is
+(inputs and weights excluded). Timing alternates the implementations of one shape and pass
+(harness `interleaved`, in this process: A B C A B C ..., 5 rounds, each round a median of a
+few calls), so a load that comes and goes falls on all of them alike; `ms` is the median over
+the rounds, and `x_eager` / `x_compile` the median of the round-by-round speed-ups over those
+rows (`*_min`, `*_max`, `*_pairs` give the spread); `mem_vs_eager` divides extra memory by eager's. `rel_err` is
 ||out - eager_fp32|| / ||eager_fp32|| over the log-probs and the gradients of one call on
 fresh inputs. Inputs are random normal logits (never zeros) and targets with no ignored rows
 (ignored rows would let the fused kernels skip reading them).
@@ -45,7 +48,7 @@ from collections.abc import Callable
 import torch
 from minidpo.kernels import linear_token_logprobs, token_logprobs
 
-from benchmarks._harness import Context
+from benchmarks._harness import MIN_PAIRS, Context, interleaved
 
 NAME = "logprob"
 PLOT = {"x": "vocab", "y": "ms", "series": ("bench", "impl", "pass", "n"), "logx": True}
@@ -61,6 +64,8 @@ def add_arguments(parser) -> None:
                         help="vocabulary sizes (default 32000 49152 128256 151936 on CUDA)")
     parser.add_argument("--logprob-head", type=int, nargs=3, metavar=("N", "V", "D"),
                         help="fused-head shape (default 16384 128256 4096 on CUDA)")
+    parser.add_argument("--logprob-pairs", type=int, metavar="R",
+                        help=f"rounds of alternating timings per shape and pass (default {MIN_PAIRS})")
     parser.add_argument("--logprob-impls", nargs="+", choices=sorted(set(TOKEN_IMPLS + HEAD_IMPLS)),
                         help="implementations to run (default all)")
 
@@ -162,15 +167,14 @@ def relative_error(out, grads, ref_out, ref_grads) -> float:
                for a, b in pairs)
 
 
-def measure(ctx: Context, step_on: Callable[[], Callable], reference, row: dict, nbytes=None, flops=None) -> dict:
-    """Time and measure one configuration; fill ms, gbps or tflops, extra memory, rel_err."""
+def check(ctx: Context, step_on: Callable[[], Callable], reference, row: dict) -> dict:
+    """One call on fresh inputs: rel_err against the float32 eager reference and extra memory."""
     try:
         with torch.no_grad() if row["pass"] == "fwd" else contextlib.nullcontext():
             out, grads = step_on()()  # fresh inputs: Liger overwrites its logits
             row["rel_err"] = relative_error(out, grads, *reference)
             del out, grads
             step = step_on()
-            timing = ctx.time(step)
             base = torch.cuda.memory_allocated(ctx.device) if ctx.is_cuda else None
             peak = ctx.peak_memory(step)
     except Exception as exc:
@@ -178,30 +182,75 @@ def measure(ctx: Context, step_on: Callable[[], Callable], reference, row: dict,
             raise
         ctx.release_memory()
         return {**row, "status": "oom"}
-    row.update(ms=timing.median_ms, ms_q20=timing.q20_ms, ms_q80=timing.q80_ms)
-    if nbytes is not None:
-        row.update(gbps=nbytes / timing.seconds / 1e9, frac_copy=ctx.bandwidth_fraction(nbytes, timing.seconds))
-    if flops is not None:
-        row.update(tflops=flops / timing.seconds / 1e12, frac_mm=ctx.flops_fraction(flops, timing.seconds))
     row["extra_gib"] = None if base is None or peak is None else (peak - base) / 2**30
     row["status"] = "ok"
     return row
 
 
-def add_ratios(rows: list[dict]) -> None:
-    """x_eager, x_compile and mem_vs_eager against the rows of the same shape and pass."""
+def timed_runner(ctx: Context, step_on: Callable[[], Callable], pass_: str) -> Callable[[], dict]:
+    """A runner for `interleaved`: one short timing (a median of a few calls) of this impl per pair."""
+    step = step_on()
+    warmup, rep = ctx.default_reps()
+    timings: list = []
+
+    def run() -> dict:
+        try:
+            with torch.no_grad() if pass_ == "fwd" else contextlib.nullcontext():
+                timing = ctx.time(step, warmup=1 if timings else warmup, rep=rep)
+        except Exception as exc:
+            if not ctx.is_oom(exc):
+                raise
+            ctx.release_memory()
+            return {"status": "oom"}
+        timings.append(timing)
+        return {"status": "ok", "ms": timing.median_ms, "ms_q20": timing.q20_ms, "ms_q80": timing.q80_ms}
+
+    return run
+
+
+def measure_shape(ctx: Context, runs: dict[str, tuple[dict, Callable[[], Callable]]], reference,
+                  nbytes=None, flops=None) -> list[dict]:
+    """Check every impl once, then time them alternating (harness `interleaved`, in this process:
+    A B C A B C ..., `--logprob-pairs` rounds) and fill ms (median over the rounds), gbps or
+    tflops, and x_eager / x_compile as the median of the round-by-round ratios."""
+    rows = {name: check(ctx, step_on, reference, row) for name, (row, step_on) in runs.items()}
+    ready = {name: timed_runner(ctx, runs[name][1], row["pass"]) for name, row in rows.items() if row["status"] == "ok"}
+    if not ready:
+        return list(rows.values())
+    pairs = 2 if ctx.tiny else getattr(ctx.args, "logprob_pairs", None) or MIN_PAIRS
+    measured = interleaved(ready, pairs, log=lambda message: None)
+    for name, row in rows.items():
+        if name not in ready:
+            continue
+        if not measured.ok(name):
+            row["status"] = measured.results[name][-1]["status"]
+            continue
+        ms = measured.median(name, "ms")
+        seconds = ms / 1e3
+        row.update(ms=ms, ms_q20=measured.median(name, "ms_q20"), ms_q80=measured.median(name, "ms_q80"))
+        if nbytes is not None:
+            row.update(gbps=nbytes / seconds / 1e9, frac_copy=ctx.bandwidth_fraction(nbytes, seconds))
+        if flops is not None:
+            row.update(tflops=flops / seconds / 1e12, frac_mm=ctx.flops_fraction(flops, seconds))
+        for peer, column in (("eager", "x_eager"), ("compile", "x_compile")):
+            if peer in ready and peer != name:
+                row |= measured.ratio_columns(peer, name, "ms", column)  # peer's time / this impl's, per round
+        row |= measured.machine_columns(name)
+    return list(rows.values())
+
+
+def add_memory_ratios(rows: list[dict]) -> None:
+    """mem_vs_eager: extra memory over eager's, for rows of the same shape and pass."""
     def key(r):
         return (r["bench"], r["pass"], r["n"], r["vocab"])
 
-    by_impl = {(key(r), r["impl"]): r for r in rows if r.get("status") == "ok"}
+    eager = {key(r): r for r in rows if r.get("status") == "ok" and r["impl"] == "eager"}
     for row in rows:
-        if row.get("status") != "ok":
+        base = eager.get(key(row))
+        if row.get("status") != "ok" or base is None:
             continue
-        eager, comp = by_impl.get((key(row), "eager")), by_impl.get((key(row), "compile"))
-        row["x_eager"] = eager["ms"] / row["ms"] if eager else None
-        row["x_compile"] = comp["ms"] / row["ms"] if comp else None
-        eager_extra = eager.get("extra_gib") if eager else None
-        row["mem_vs_eager"] = row["extra_gib"] / eager_extra if eager_extra and row["extra_gib"] is not None else None
+        extra = base.get("extra_gib")
+        row["mem_vs_eager"] = row["extra_gib"] / extra if extra and row["extra_gib"] is not None else None
 
 
 def token_rows(ctx: Context, ns: list[int], vocabs: list[int], chosen: set[str]) -> list[dict]:
@@ -211,7 +260,7 @@ def token_rows(ctx: Context, ns: list[int], vocabs: list[int], chosen: set[str])
         for vocab in vocabs:
             rows += token_shape_rows(ctx, impls, n, vocab)
             ctx.release_memory()
-    add_ratios(rows)
+    add_memory_ratios(rows)
     return rows
 
 
@@ -227,6 +276,7 @@ def token_shape_rows(ctx: Context, impls: dict[str, Callable | str], n: int, voc
 
         with torch.no_grad() if not grad_of else contextlib.nullcontext():
             ref = make_step(eager_logprobs, inputs(dtype=torch.float32), grad_of)()
+        runs = {}
         for name, impl in impls.items():
             row = {"bench": "token", "impl": name, "pass": pass_, "n": n, "vocab": vocab, "dim": None}
             if isinstance(impl, str):
@@ -236,7 +286,8 @@ def token_shape_rows(ctx: Context, impls: dict[str, Callable | str], n: int, voc
             def step_on(impl=impl, grad_of=grad_of, inputs=inputs):
                 return make_step(impl, inputs(), grad_of)
 
-            rows.append(measure(ctx, step_on, ref, row, nbytes=pass_bytes))
+            runs[name] = (row, step_on)
+        rows += measure_shape(ctx, runs, ref, nbytes=pass_bytes)
         del ref
         ctx.release_memory()
     return rows
@@ -260,6 +311,7 @@ def head_rows(ctx: Context, shape: tuple[int, int, int], chosen: set[str]) -> li
 
         with torch.no_grad() if not grad_of else contextlib.nullcontext():
             ref = make_step(eager_head_logprobs, inputs(dtype=torch.float32), grad_of)()
+        runs = {}
         for name, impl in impls.items():
             row = {"bench": "head", "impl": name, "pass": pass_, "n": n, "vocab": vocab, "dim": dim}
             if isinstance(impl, str):
@@ -272,10 +324,11 @@ def head_rows(ctx: Context, shape: tuple[int, int, int], chosen: set[str]) -> li
             def step_on(impl=impl, grad_of=grad_of, inputs=inputs):
                 return make_step(impl, inputs(), grad_of)
 
-            rows.append(measure(ctx, step_on, ref, row, flops=flop_multiple * model_flops))
+            runs[name] = (row, step_on)
+        rows += measure_shape(ctx, runs, ref, flops=flop_multiple * model_flops)
         del ref
         ctx.release_memory()
-    add_ratios(rows)
+    add_memory_ratios(rows)
     return rows
 
 
