@@ -23,7 +23,20 @@ p50/p95 (streams), completion tokens/s over the run, and the burst's answered/fa
 row goes to benchmarks/results/server-load-<device>-<date>.{json,md} unless --no-write.
 
 --server-pythonpath DIR runs the server from another checkout (e.g. `git archive` of an
-older commit) to compare, on the same load, with what that commit served.
+older commit) to compare, on the same load, with what that commit served; --label names the
+row's server. --mix plain sends only what every version of the server takes (n = 1, no
+logprobs; ignore_eos, which older servers ignore, changes nothing with the random tiny
+model, whose end-of-text token is one of 49,152), so continuous batching can be compared
+with the static batching it replaced (commit 222bab2^):
+
+    git archive 222bab2^ minidpo | tar -x -C /tmp/static
+    for i in 1 2; do   # A B A B on a quiet machine
+      python -m benchmarks.server_load --mix plain --label continuous
+      python -m benchmarks.server_load --mix plain --label "static (222bab2^)" --server-pythonpath /tmp/static
+    done
+
+Rows with the same label, mix and model replace each other in the day's file unless
+--round N keeps them apart; requests_per_s is the comparison for the plain mix.
 """
 
 from __future__ import annotations
@@ -104,13 +117,14 @@ class Client:
         rng, args = self.rng, self.args
         early = rng.random() < 0.10
         stream = early or rng.random() < 0.5
-        n = 2 if rng.random() < 0.25 else 1
+        plain = args.mix == "plain"
+        n = 2 if not plain and rng.random() < 0.25 else 1
         body = {"model": "bench", "messages": [{"role": "user", "content": QUESTION}], "ignore_eos": True,
                 "max_tokens": rng.randint(args.min_tokens, args.max_tokens), "temperature": 0.7,
                 "seed": rng.randrange(2**31), "n": n, "stream": stream}  # fmt: skip
         if stream:
             body["stream_options"] = {"include_usage": True}
-        if rng.random() < 0.25:
+        if not plain and rng.random() < 0.25:
             body |= {"logprobs": True, "top_logprobs": 3}
         kind = "early" if early else "stream" if stream else "plain"
         start = time.monotonic()
@@ -212,6 +226,7 @@ def summarize(rows: list[dict], burst_outcomes: Counter, duration: float, args, 
     tokens = sum(r["tokens"] for r in counted if r["ok"])
     ms = lambda v: None if v is None else round(1000 * v, 1)  # noqa: E731
     return {
+        "server": args.label, "mix": args.mix, "round": args.round, "load_avg_start": args.load_at_start,
         "model": model, "clients": args.clients, "duration_s": round(duration, 1),
         "max_batch_size": args.max_batch_size, "max_tokens": f"{args.min_tokens}-{args.max_tokens}",
         "requests": len(rows), "early_disconnects": sum(r["kind"] == "early" for r in rows),
@@ -219,26 +234,37 @@ def summarize(rows: list[dict], burst_outcomes: Counter, duration: float, args, 
         "latency_p50_ms": ms(quantile(latencies, 0.5)), "latency_p95_ms": ms(quantile(latencies, 0.95)),
         "ttft_p50_ms": ms(quantile(ttfts, 0.5)), "ttft_p95_ms": ms(quantile(ttfts, 0.95)),
         "completion_tokens_per_s": round(tokens / duration, 1),
+        "requests_per_s": round(sum(r["ok"] for r in counted) / duration, 2),
         "burst": args.burst, "burst_answered": burst_outcomes.get("ok", 0),
         "burst_failures": {k: v for k, v in burst_outcomes.items() if k != "ok"},
     }  # fmt: skip
 
 
 def write(result: dict, note: str) -> Path:
+    """Add the row to the day's file: a row with the same server, mix, round and model is replaced."""
     import torch
 
     from benchmarks._harness import device_info, today
+    from minidpo.io import atomic_write, atomic_write_json
 
     device = device_info(torch.device("cpu"))
     stem = RESULTS / f"server-load-{device['slug']}-{today()}"
-    payload = {"device": device, "date": today(), "note": note, "rows": [result]}
-    from minidpo.io import atomic_write, atomic_write_json
-
-    atomic_write_json(stem.with_suffix(".json"), payload)
-    keys = [k for k in result if not isinstance(result[k], dict)] + ["failures", "burst_failures"]
+    same = ("server", "mix", "round", "model")
+    rows, notes = [], []
+    if stem.with_suffix(".json").is_file():
+        old = json.loads(stem.with_suffix(".json").read_text())
+        rows = [r for r in old.get("rows", []) if any(r.get(k) != result.get(k) for k in same)]
+        notes = old.get("notes") or ([old["note"]] if old.get("note") else [])
+    rows.append(result)
+    if note and note not in notes:
+        notes.append(note)
+    atomic_write_json(stem.with_suffix(".json"), {"device": device, "date": today(), "notes": notes, "rows": rows})
+    keys = list(dict.fromkeys(k for r in rows for k in r if not isinstance(r[k], dict))) + ["failures", "burst_failures"]
     table = "| " + " | ".join(keys) + " |\n|" + "---|" * len(keys) + "\n"
-    table += "| " + " | ".join(json.dumps(result[k]) if isinstance(result[k], dict) else str(result[k]) for k in keys)
-    atomic_write(stem.with_suffix(".md"), f"# minidpo serve under load, {device['name']}, {today()}\n\n{note}\n\n{table} |\n")
+    for r in rows:
+        table += "| " + " | ".join(json.dumps(r.get(k)) if isinstance(r.get(k), dict) else str(r.get(k, "-")) for k in keys) + " |\n"
+    text = f"# minidpo serve under load, {device['name']}, {today()}\n\n" + "".join(f"- {n}\n" for n in notes)
+    atomic_write(stem.with_suffix(".md"), f"{text}\n{table}")
     return stem
 
 
@@ -254,8 +280,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=120.0, help="client socket timeout (s)")
     parser.add_argument("--server-pythonpath", help="run the server from this checkout (PYTHONPATH)")
     parser.add_argument("--note", default="", help="conditions to record (machine load, ...)")
+    parser.add_argument("--mix", choices=("full", "plain"), default="full",
+                        help="full: streams, n = 2, logprobs; plain: n = 1, no logprobs (what older servers take)")
+    parser.add_argument("--label", default="continuous", help="the row's name for the server under test")
+    parser.add_argument("--round", type=int, default=1, help="keeps A B A B rows apart in the results file")
     parser.add_argument("--no-write", action="store_true", help="print only")
     args = parser.parse_args(argv)
+    args.load_at_start = round(os.getloadavg()[0], 2)
 
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = Path(args.model) if args.model else tiny_model_dir(Path(tmp))
