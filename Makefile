@@ -3,13 +3,19 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
+RUN_STAMP := $(VENV)/.installed-run
 
 .PHONY: test demo lint bench gpu data clean
 
-$(STAMP): pyproject.toml
+# The run-time environment (what `make demo` needs), then the test extra on top for `make test`.
+$(RUN_STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	# The CPU wheel of torch first: a bare `torch` requirement would pull a multi-GB CUDA build.
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[plot]'
+	touch $(RUN_STAMP)
+
+$(STAMP): $(RUN_STAMP)
 	$(PY) -m pip install -q -e '.[test,plot]'
 	touch $(STAMP)
 
@@ -20,7 +26,7 @@ test: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q
 
-demo: $(STAMP)
+demo: $(RUN_STAMP)
 	$(VENV)/bin/minidpo demo
 
 # The shipped LibraChem-mini sets, regenerated from the shipped lists and banks (tests check they match).

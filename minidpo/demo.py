@@ -217,7 +217,7 @@ def run_demo(
     from minidpo.device import resolve_device
     from minidpo.eval import LLMJudge, LocalModelSource, evaluate
     from minidpo.fetch import fetch_default
-    from minidpo.lora import load_adapter
+    from minidpo.lora import load_adapter, merge_lora
     from minidpo.tokenizer import load_tokenizer
     from minidpo.train import TrainConfig, train_dpo, train_sft
 
@@ -254,6 +254,8 @@ def run_demo(
         model, _ = load_model(model_path, dtype=dtype, device=device, quantize=quantize)
         if adapter is not None:
             load_adapter(model, adapter)
+            if quantize is None:
+                merge_lora(model)  # the same function, one matmul a layer: answers come faster
             model.to(device=device, dtype=dtype)
         model.eval()
         models[name] = {"model": str(model_path), "adapter": str(adapter) if adapter else None}
