@@ -82,10 +82,10 @@ def start_server(model_dir: Path, args) -> tuple[subprocess.Popen, str, int]:
     """The serve process and its host, port (read from its start line)."""
     command = [sys.executable, "-m", "minidpo", "serve", "--model", str(model_dir), "--port", "0", "--quiet",
                "--model-name", "bench", "--max-batch-size", str(args.max_batch_size)]  # fmt: skip
-    env = dict(os.environ)
-    if args.server_pythonpath:
-        env["PYTHONPATH"] = str(args.server_pythonpath)
-    proc = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, env=env)
+    env, cwd = dict(os.environ), None
+    if args.server_pythonpath:  # `python -m` puts its working folder first on sys.path: start it there
+        env["PYTHONPATH"] = cwd = str(Path(args.server_pythonpath).resolve())
+    proc = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, env=env, cwd=cwd)
     lines: queue.Queue = queue.Queue()
     threading.Thread(target=lambda: [lines.put(line) for line in proc.stderr], daemon=True).start()
     deadline = time.monotonic() + 120
@@ -155,6 +155,7 @@ class Client:
         finally:
             conn.close()
         row["latency_s"] = time.monotonic() - start
+        row["finished_at"] = time.monotonic()
         return row
 
     @staticmethod
@@ -218,12 +219,17 @@ def quantile(values: list[float], q: float) -> float | None:
     return statistics.quantiles(values, n=100, method="inclusive")[int(q * 100) - 1] if len(values) > 1 else values[0]
 
 
-def summarize(rows: list[dict], burst_outcomes: Counter, duration: float, args, model: str) -> dict:
+def summarize(rows: list[dict], burst_outcomes: Counter, duration: float, args, model: str,
+              started: float | None = None) -> dict:
+    """The row. Rates are over the serving window, from the start to the last answered
+    request (not to the end of the run, which a burst's timed-out connects can prolong)."""
     counted = [r for r in rows if r["kind"] != "early"]
     failures = Counter(r["error"] for r in rows if r["error"])
     latencies = [r["latency_s"] for r in counted if r["ok"]]
     ttfts = [r["ttft_s"] for r in rows if r["ttft_s"] is not None]
     tokens = sum(r["tokens"] for r in counted if r["ok"])
+    answered = [r["finished_at"] for r in counted if r["ok"] and "finished_at" in r]
+    window = max(answered) - started if started is not None and answered else duration
     ms = lambda v: None if v is None else round(1000 * v, 1)  # noqa: E731
     return {
         "server": args.label, "mix": args.mix, "round": args.round, "load_avg_start": args.load_at_start,
@@ -233,8 +239,9 @@ def summarize(rows: list[dict], burst_outcomes: Counter, duration: float, args, 
         "failed": sum(failures.values()), "failures": dict(failures),
         "latency_p50_ms": ms(quantile(latencies, 0.5)), "latency_p95_ms": ms(quantile(latencies, 0.95)),
         "ttft_p50_ms": ms(quantile(ttfts, 0.5)), "ttft_p95_ms": ms(quantile(ttfts, 0.95)),
-        "completion_tokens_per_s": round(tokens / duration, 1),
-        "requests_per_s": round(sum(r["ok"] for r in counted) / duration, 2),
+        "serving_window_s": round(window, 1),
+        "completion_tokens_per_s": round(tokens / window, 1),
+        "requests_per_s": round(sum(r["ok"] for r in counted) / window, 2),
         "burst": args.burst, "burst_answered": burst_outcomes.get("ok", 0),
         "burst_failures": {k: v for k, v in burst_outcomes.items() if k != "ok"},
     }  # fmt: skip
@@ -308,7 +315,7 @@ def main(argv: list[str] | None = None) -> int:
             proc.terminate()
             proc.wait(timeout=60)
     model = args.model or "tiny random (2 layers, d 64, SmolLM2 tokenizer)"
-    result = summarize(rows, burst_outcomes, duration, args, model)
+    result = summarize(rows, burst_outcomes, duration, args, model, started=start)
     print(json.dumps(result, indent=1))
     if not args.no_write:
         print(f"wrote {write(result, args.note)}.{{json,md}}")
