@@ -61,13 +61,7 @@ def run(ctx) -> list[dict]:
     rounds = 1 if ctx.tiny else getattr(ctx.args, "dpo_step_pairs", MIN_PAIRS)  # tiny: TRL's import alone takes 10 s
     with tempfile.TemporaryDirectory(prefix="dpo_step.") as tmp:
         tmp = Path(tmp)
-        if ctx.tiny:
-            model_dir, label = write_tiny_model(tmp / "model"), "tiny"
-        else:
-            from minidpo.fetch import fetch_default
-
-            model_dir = Path(getattr(ctx.args, "dpo_step_model", None) or fetch_default())
-            label = model_dir.name
+        model_dir, label = benchmark_model(ctx, tmp / "model", getattr(ctx.args, "dpo_step_model", None))
         data = write_pairs(tmp / "pairs.jsonl", model_dir, PAIRS * (1 + reps + 1))
         runners = {impl: fresh_process("benchmarks.dpo_step", impl, model_dir, data, ctx.device.type, reps)
                    for impl in impls}
@@ -91,6 +85,17 @@ def run(ctx) -> list[dict]:
 
 
 # ---- inputs
+
+
+def benchmark_model(ctx, folder: Path, model: str | None) -> tuple[Path, str]:
+    """(model folder, label): a tiny random model written to `folder` under --tiny, else
+    `model` (a benchmark's --*-model flag) or the default SmolLM2."""
+    if ctx.tiny:
+        return write_tiny_model(folder), "tiny"
+    from minidpo.fetch import fetch_default
+
+    model_dir = Path(model or fetch_default())
+    return model_dir, model_dir.name
 
 
 def write_tiny_model(folder: Path) -> Path:

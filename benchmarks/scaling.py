@@ -42,19 +42,13 @@ def run(ctx) -> list[dict]:
     gpus = torch.cuda.device_count() if ctx.is_cuda else 0
     if gpus < 2 and not getattr(ctx.args, "scaling_cpu", False):
         return [{"impl": "minidpo-ddp", "status": f"skipped: needs 2+ GPUs (found {gpus}) or --scaling-cpu"}]
-    from benchmarks.dpo_step import write_tiny_model
+    from benchmarks.dpo_step import benchmark_model
 
     ranks = (1, gpus) if gpus >= 2 else (1, 2)
     rows = []
     with tempfile.TemporaryDirectory(prefix="scaling.") as tmp:
         tmp = Path(tmp)
-        if ctx.tiny:
-            model_dir, label = write_tiny_model(tmp / "model"), "tiny"
-        else:
-            from minidpo.fetch import fetch_default
-
-            model_dir = Path(getattr(ctx.args, "scaling_model", None) or fetch_default())
-            label = model_dir.name
+        model_dir, label = benchmark_model(ctx, tmp / "model", getattr(ctx.args, "scaling_model", None))
         data = write_full_length_pairs(tmp / "pairs.jsonl", PAIRS * max(ranks) * (STEPS + 1))
         steps = TINY_STEPS if ctx.tiny else STEPS
         for n in ranks:

@@ -32,6 +32,17 @@ SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 MERGES = [("Ġ", "t"), ("h", "e"), ("Ġt", "he"), ("i", "n"), ("Ġ", "a")]
 
 
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny matrices: one thread avoids OpenMP's spinning on a busy machine (several times faster).
+    A module asks for it with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def tiny_vocab() -> tuple[list[str], list[tuple[str, str]]]:
     """Tokens (3 specials, the 256 byte-level symbols, 5 merged pairs) and merges of a tiny BPE."""
     from tokenizers import pre_tokenizers

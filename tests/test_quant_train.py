@@ -6,12 +6,13 @@ import signal
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_train import config, model_dir, one_thread, quiet, toy_data  # noqa: F401 (fixtures)
+from test_train import config, model_dir, quiet, toy_data  # noqa: F401 (fixtures)
 
 from minidpo.errors import ParameterError
 from minidpo.io import load_jsonl_tolerant
 from minidpo.train import Trainer, train_dpo
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny matrices run on one thread
 STEPS = 8
 # |QLoRA loss - LoRA loss| at every step, same seed and batches. Both start at log 2 (the
 # reference is the policy's own base, quantized or not). Measured: at most 0.0016 over these 8

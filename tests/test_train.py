@@ -15,14 +15,7 @@ from minidpo.errors import MiniDPOError
 from minidpo.io import load_jsonl_tolerant
 from minidpo.train import TrainConfig, Trainer, lr_factor, train_dpo, train_sft
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matrices: one thread avoids OpenMP's spinning on a busy machine (several times faster)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny matrices run on one thread
 
 
 @pytest.fixture(scope="module")
