@@ -33,8 +33,9 @@ Choosing the next token from the logits z (float32) of a row, in transformers' o
     top-p (nucleus, Holtzman et al. 2019, arXiv 1904.09751): keep the most likely tokens
         until their probability mass reaches p (the token that crosses p is kept)
     min-p (Nguyen et al. 2024, arXiv 2407.01082): keep tokens with p_t >= min_p * max_t p_t
-    draw from softmax(z) with the row's own torch.Generator, seeded per row, so a seed
-    reproduces a row's samples whatever else is in the batch.
+    draw from softmax(z) by inverting its CDF with one uniform number from the row's own
+    torch.Generator, seeded per row, so a seed reproduces a row's samples whatever else is
+    in the batch.
 
 A row whose distribution is not a distribution (NaN or infinite logits, nothing allowed)
 ends alone with finish_reason "error"; the other rows go on. Log-probs, when asked for,
@@ -458,6 +459,25 @@ def filter_logits(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor
     return logits.scatter(-1, order, sorted_logits.masked_fill(removed, float("-inf")))
 
 
+def draw_tokens(probs: torch.Tensor, generators: list[torch.Generator]) -> tuple[torch.Tensor, torch.Tensor]:
+    """One token per row of probs (b, V), drawn by inverting its CDF with one uniform number
+    from the row's generator; and which rows (b,) bool are not a distribution (NaN, or no mass).
+
+        u ~ U[0, 1),   token = min{ i : sum_{j <= i} p_j > u * sum_j p_j }
+
+    The sums are float64, and u * total is kept below total, so a zero-probability token is
+    never drawn. One cumsum over the batch replaces a torch.multinomial call per row (about
+    a millisecond each for a 49k vocabulary on a CPU core).
+    """
+    cdf = probs.double().cumsum(-1)  # (b, V)
+    total = cdf[:, -1:]  # (b, 1)
+    bad = ~torch.isfinite(total[:, 0]) | (total[:, 0] <= 0)  # (b,)
+    u = torch.cat([torch.rand(1, generator=g, dtype=torch.float64, device=g.device) for g in generators])  # (b,)
+    x = torch.minimum(u[:, None].to(cdf.device) * total, torch.nextafter(total, torch.zeros_like(total)))  # (b, 1)
+    tokens = torch.searchsorted(cdf, x, right=True)[:, 0].clamp(max=probs.shape[-1] - 1)  # (b,)
+    return tokens.masked_fill(bad, 0), bad
+
+
 class _TokenChooser:
     """Every row's sampling settings as tensors (B, ...), its generator and the tokens it has
     seen (for the repetition penalty); picks next tokens. Rows join (extend) and leave
@@ -511,12 +531,10 @@ class _TokenChooser:
             z = logits / self.temperature  # (B, V)
             if self.filters:
                 z = filter_logits(z, self.top_k, self.top_p, self.min_p)
-            probs = z.softmax(-1)  # (B, V)
-            failed |= ~torch.isfinite(probs).all(-1) & torch.tensor([g is not None for g in self.generators],
-                                                                     device=self.device)  # fmt: skip
-            for i in sampled:
-                if not failed[i]:
-                    next_ids[i] = torch.multinomial(probs[i], 1, generator=self.generators[i])[0]
+            rows = torch.tensor(sampled, device=self.device)  # (b,)
+            drawn, bad = draw_tokens(z[rows].softmax(-1), [self.generators[i] for i in sampled])  # (b,), (b,)
+            next_ids[rows] = drawn
+            failed[rows] |= bad
         next_ids = next_ids.masked_fill(failed, 0)
         self.seen[torch.arange(len(next_ids), device=next_ids.device), next_ids] = True
         return next_ids, failed
