@@ -167,13 +167,13 @@ def attention_mask_4d(
 ) -> torch.Tensor | None:
     """The boolean mask (B or 1, 1, T, S) that sdpa takes; True = may attend.
 
-    Queries are columns start..start+T-1 of the key axis (start: an int, or a static KV
-    cache's (1,) position tensor, given with an attention_mask). None when plain causal suffices.
+    Queries are columns start..start+T-1 of the key axis. None when plain causal suffices.
+    (A decode step over a SlotKVCache, whose rows differ in length, brings its own 4-D mask.)
     """
     windowed = sliding_window is not None and S > sliding_window
     if attention_mask is None and not windowed and (start == 0 or T == 1):
         return None
-    q_idx = (start + torch.arange(T, device=device))[:, None]  # (T, 1); start may be a (1,) tensor
+    q_idx = (start + torch.arange(T, device=device))[:, None]  # (T, 1)
     k_idx = torch.arange(S, device=device)[None, :]  # (1, S)
     allowed = k_idx <= q_idx  # (T, S)
     if windowed:

@@ -1,25 +1,24 @@
 """Batched text generation with a KV cache: prefill, then one token a step, rows joining and leaving.
 
-A batch of prompts of different lengths is left-padded, so that every row's next token
-lands in the same cache column (gpt-fast's static cache, made batch-aware):
+Prompts that arrive together are left-padded and prefilled as one batch into a KVCache;
+then each row moves into a slot of a SlotKVCache (minidpo/slot_cache.py), where it grows
+at its own length:
 
-    column     0    1    2    3  |  4    5    6 ...      prompt columns | generated columns
-    row 0     pad  pad   a    b  |  x0   x1   x2         mask 0 0 1 1   |  1 1 1
-    row 1      c    d    e    f  |  y0   y1              mask 1 1 1 1   |  1 1
+    slot 0    pad  pad   a    b    x0   x1   x2        prompt columns mask 0 0 1 1
+    slot 1     c    d    e    f    y0   y1             prompt columns mask 1 1 1 1
+    slot 2     g    h    z0                            (joined later, alone)
 
-The prefill runs the padded prompts through the model once and fills a KVCache of
-(B, n_kv, columns, head_dim) per layer; each decode step feeds the B newest tokens (B, 1)
-at per-row positions (row 0 above continues at position 2, not 4). Only the last
-position's hidden state goes through lm_head. Without padding the attention mask is left
-out altogether.
+Each decode step feeds the B newest tokens (B, 1) at per-row positions (row 0 above
+continues at position 2, not 4; row 2 at 2) and writes each row's key and value at its
+own column. Only the last position's hidden state goes through lm_head. While all rows
+have the same length and no padding, the attention mask is left out altogether.
 
 A DecodeBatch is that state between two steps, open to change (continuous batching, as
-Orca, Yu et al. OSDI 2022, and vLLM serve): newcomers are prefilled together and join
-right-aligned, their prompts ending in the batch's current column (when a newcomer's
-prompt is longer, every running row moves right to make room); a row that finishes or is
-cancelled leaves at once, and columns that only padding still uses are dropped. Rows
-never see each other: each has its own mask, positions, sampling settings and generator,
-so a row's tokens do not depend on what else is in the batch.
+Orca, Yu et al. OSDI 2022, and vLLM serve): newcomers are prefilled together and join in
+the slots after the running rows; a row that finishes or is cancelled leaves at once, and
+a row from the top slots moves into its slot. Nothing else is copied. Rows never see each
+other: each has its own mask, positions, sampling settings and generator, so a row's
+tokens do not depend on what else is in the batch.
 
 Choosing the next token from the logits z (float32) of a row, in transformers' order:
 
@@ -60,6 +59,7 @@ from typing import Protocol
 import torch
 
 from minidpo.kv_cache import KVCache
+from minidpo.slot_cache import SlotKVCache
 
 GREEDY_BELOW = 1e-5  # temperatures below this sample greedily (vLLM's _SAMPLING_EPS)
 STATIC_COLUMNS = 64  # a static decode step's key length is a multiple of this: fewer graphs to compile
@@ -234,13 +234,16 @@ class DecodeBatch:
     `stream(key, text)` and `on_finish(key, completion)`. Call it under torch.inference_mode()
     with the model in eval mode (generate_rows does both).
 
-    Static shapes (`static`, or `compile`: gpt-fast's design, for CUDA graphs): the decode
-    step runs over a static KVCache of (B', n_kv, S', hd), B' the rows rounded up to a power
-    of two and S' the columns to a multiple of STATIC_COLUMNS, with a (B', S') mask; rows
-    past B are idle padding. The dynamic cache stays the record that joins and leaves
-    edit: the rows and columns move into the static one (kept, so its addresses stay) at
-    the first step after a change, and back before the next change. With `compile` the
-    step goes through torch.compile(mode="reduce-overhead"): one graph per (B', S').
+    The rows live in a SlotKVCache (minidpo/slot_cache.py): row i in slot i, at its own
+    length, so joining copies only the newcomers' prefilled columns and leaving only the
+    rows that move down into freed slots. While every row has the same length and no
+    padding (one add of equal prompts), decode steps need no attention mask.
+
+    Static shapes (`static`, or `compile`: gpt-fast's design, for CUDA graphs): the cache
+    has a power of two of slots and a multiple of STATIC_COLUMNS of columns, and every
+    decode step runs over all of them (idle slots are padding), so the step's shapes change
+    only when the cache grows. With `compile` the step goes through
+    torch.compile(mode="reduce-overhead"): one graph per cache shape.
     """
 
     def __init__(self, model, tokenizer, *, stream: StreamCallback | None = None,
@@ -250,21 +253,18 @@ class DecodeBatch:
         self.static = static or compile
         self.step_model = torch.compile(model, mode="reduce-overhead") if compile else model
         self.compiled = compile
-        self.static_cache: KVCache | None = None  # the static step's cache, reused while its shape fits
-        self.static_mask: torch.Tensor | None = None  # (B', S') for it; None: the dynamic cache changed
         weight = model.lm_head.weight
         self.device, self.dtype = weight.device, weight.dtype
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.rows: list[_Row] = []
-        self.cache: KVCache | None = None
-        self.mask = torch.ones(0, 0, dtype=torch.long, device=self.device)  # (B, max_len) 1 = a real token
+        self.cache: SlotKVCache | None = None
+        self.ragged = False  # rows differ in length or have padding: decode steps need a mask
         self.positions = torch.zeros(0, 1, dtype=torch.long, device=self.device)  # (B, 1) next position
         self.hidden = torch.zeros(0, model.config.hidden_size, dtype=self.dtype, device=self.device)  # (B, D)
         self.chooser = _TokenChooser(model.config.vocab_size, self.device)
 
     def add(self, prompt_ids: list[list[int]], params: list[SamplingParams], keys: list[Hashable]) -> None:
         """Prefill these prompts as one left-padded batch and join their rows to the batch."""
-        self._leave_static()
         B, P = len(prompt_ids), max(len(ids) for ids in prompt_ids)
         ids = torch.full((B, P), self.pad_id, dtype=torch.long)  # (B, P) left-padded prompts
         mask = torch.ones(B, P, dtype=torch.long)  # (B, P)
@@ -273,22 +273,14 @@ class DecodeBatch:
             mask[i, : P - len(row_ids)] = 0
         ids, mask = ids.to(self.device), mask.to(self.device)
         rows = [_Row(key, self.tokenizer, len(r), p) for key, r, p in zip(keys, prompt_ids, params)]
-        length = self.cache.length if self.rows else 0  # an emptied batch starts afresh
-        width = max(P, length) + max(r.budget for r in self.rows + rows)
-        cache = KVCache(self.model.config, B, P if self.rows else width, dtype=self.dtype, device=self.device)
+        prefilled = KVCache(self.model.config, B, P, dtype=self.dtype, device=self.device)
         padded = bool((mask == 0).any())
-        hidden = self.model(ids, attention_mask=mask if padded else None, kv_cache=cache)  # (B, P, D)
-        positions = mask.sum(-1, keepdim=True)  # (B, 1)
-        if self.rows:
-            self._make_room(P, width)
-            cache.realign(self.cache.length - P, width)
-            mask = _realign_mask(mask, self.cache.length - P, width)
-            self.cache.extend_rows(cache)
-        else:
-            self.cache, mask = cache, _realign_mask(mask, 0, width)
-            self.mask = self.mask.new_zeros(0, width)
-        self.mask = torch.cat([self.mask, mask])  # (B, width)
-        self.positions = torch.cat([self.positions, positions])  # (B, 1)
+        hidden = self.model(ids, attention_mask=mask if padded else None, kv_cache=prefilled)  # (B, P, D)
+        # a row feeds back all but its last token: P + max_new_tokens - 1 columns
+        self._reserve(len(self.rows) + B, P + max(p.max_new_tokens for p in params) - 1)
+        self.ragged = padded or (bool(self.rows) and (self.ragged or P != self.cache.longest))
+        self.cache.put(prefilled, mask.bool())
+        self.positions = torch.cat([self.positions, mask.sum(-1, keepdim=True)])  # (B, 1)
         self.hidden = torch.cat([self.hidden, hidden[:, -1]])  # (B, D)
         self.chooser.extend(params, prompt_ids)
         self.rows += rows
@@ -309,15 +301,14 @@ class DecodeBatch:
         next_ids = self._retire(next_ids)
         if not self.rows:
             return
+        window = self.model.config.sliding_window
         if self.static:
-            self.hidden = self._static_step(next_ids)  # (B, D)
-            self.positions = self.positions + 1
-            return
-        padded = bool((self.mask[:, : self.cache.length] == 0).any())
-        attention_mask = self.mask[:, : self.cache.length + 1] if padded else None  # (B, S)
-        hidden = self.step_model(next_ids[:, None], attention_mask=attention_mask, position_ids=self.positions,
-                                 kv_cache=self.cache)  # fmt: skip
-        self.hidden = hidden[:, -1]  # (B, D)
+            self.hidden = self._static_step(next_ids, window)  # (B, D)
+        else:
+            mask = self.cache.decode_mask(window) if self.ragged else None  # (B, 1, 1, S)
+            hidden = self.step_model(next_ids[:, None], attention_mask=mask, position_ids=self.positions,
+                                     kv_cache=self.cache)  # fmt: skip
+            self.hidden = hidden[:, -1]  # (B, D)
         self.positions = self.positions + 1
 
     def cancel(self, keys: set[Hashable]) -> None:
@@ -343,87 +334,69 @@ class DecodeBatch:
             out[j] = TokenLogprob(int(next_ids[j]), float(chosen[n]), top)
         return out
 
-    def _static_step(self, next_ids: torch.Tensor) -> torch.Tensor:
-        """Feed next_ids (B,) through the static-shape step; the new hidden states (B, D)."""
-        B = len(self.rows)
-        if self.static_mask is None:  # rows or columns changed: move them into the static cache
-            shape = (1 << (B - 1).bit_length(), -(-self.cache.max_len // STATIC_COLUMNS) * STATIC_COLUMNS)
-            self.static_cache = _static_cache(self.model, shape, self.dtype, self.device)
-            self.static_cache.copy_from(self.cache)
-            self.static_mask = self.mask.new_zeros(shape)  # (B', S') idle rows see only themselves
-            self.static_mask[:B] = 1  # columns past the dynamic cache's are future tokens
-            self.static_mask[:B, : self.mask.shape[1]] = self.mask
-        pad = self.static_mask.shape[0] - B
-        ids = torch.nn.functional.pad(next_ids[:, None], (0, 0, 0, pad), value=self.pad_id)  # (B', 1)
-        positions = torch.nn.functional.pad(self.positions, (0, 0, 0, pad))  # (B', 1)
+    def _static_step(self, next_ids: torch.Tensor, window: int | None) -> torch.Tensor:
+        """Feed next_ids (B,) through the static-shape step over all slots; the new hidden states (B, D)."""
+        B, pad = len(self.rows), self.cache.slots - len(self.rows)
+        ids = torch.nn.functional.pad(next_ids[:, None], (0, 0, 0, pad), value=self.pad_id)  # (slots, 1)
+        positions = torch.nn.functional.pad(self.positions, (0, 0, 0, pad))  # (slots, 1)
+        mask = self.cache.decode_mask(window)  # (slots, 1, 1, width)
         if self.compiled:
             torch.compiler.cudagraph_mark_step_begin()  # the previous step's outputs are consumed
-        hidden = self.step_model(ids, attention_mask=self.static_mask, position_ids=positions,
-                                 kv_cache=self.static_cache)  # fmt: skip
+        hidden = self.step_model(ids, attention_mask=mask, position_ids=positions, kv_cache=self.cache)
         return hidden[:B, -1]  # (B, D)
 
-    def _leave_static(self) -> None:
-        """Before the rows or columns change: bring what the static steps wrote back into the
-        dynamic cache."""
-        if self.static_mask is not None:
-            self.cache.copy_from(self.static_cache)
-            self.static_mask = None
+    def _reserve(self, rows: int, width: int) -> None:
+        """A cache with room for this many rows and columns (grown, its rows copied, if not)."""
+        width = -(-width // STATIC_COLUMNS) * STATIC_COLUMNS
+        cache = self.cache
+        if self.static:
+            slots = 1 << (rows - 1).bit_length()
+            shape = (max(slots, cache.slots), max(width, cache.width)) if cache else (slots, width)
+            if cache is None or shape != (cache.slots, cache.width):
+                self.cache = _static_cache(self.model, shape, self.dtype, self.device)
+                self.cache.reset()
+                if cache is not None:
+                    self.cache.take(cache)
+        elif cache is None:
+            self.cache = SlotKVCache(self.model.config, rows, width, dtype=self.dtype, device=self.device)
+        elif rows > cache.slots or width > cache.width:
+            self.cache = cache.grown(max(rows, 2 * cache.slots) if rows > cache.slots else rows, width)
 
     def _retire(self, next_ids: torch.Tensor | None) -> torch.Tensor | None:
-        """Drop the rows that ended (telling on_finish) and the columns only padding uses."""
+        """Drop the rows that ended (telling on_finish), compacting the others into the first slots."""
         keep = [j for j, row in enumerate(self.rows) if row.finish_reason is None]
         for row in self.rows:
             if row.finish_reason is not None and self.on_finish is not None:
                 self.on_finish(row.key, row.completion())
         if len(keep) == len(self.rows):
             return next_ids
-        self._leave_static()
-        kept = torch.tensor(keep, dtype=torch.long, device=self.device)
-        self.rows = [self.rows[j] for j in keep]
-        self.mask, self.positions, self.hidden = self.mask[kept], self.positions[kept], self.hidden[kept]
+        if keep:
+            order = self.cache.keep(keep)
+        else:  # the batch is empty: the next add starts afresh (a dynamic cache's memory goes back)
+            order, self.ragged = [], False
+            if self.static:
+                self.cache.reset()
+            else:
+                self.cache = None
+        kept = torch.tensor(order, dtype=torch.long, device=self.device)
+        self.rows = [self.rows[j] for j in order]
+        self.positions, self.hidden = self.positions[kept], self.hidden[kept]
         self.chooser.select_rows(kept)
-        self.cache.select_rows(kept)
-        if self.rows:
-            used = self.mask[:, : self.cache.length].any(0)  # (S,) columns some row still reads
-            first = int(used.long().argmax())  # every row has a prompt token, so `used` has a True
-            if first:
-                # + 1: inside a step the newest tokens are sampled but not fed yet
-                width = self.cache.length - first + max(r.budget for r in self.rows) + 1
-                self.cache.realign(-first, width)
-                self.mask = _realign_mask(self.mask[:, : first + self.cache.length], -first, width)
         return None if next_ids is None else next_ids[kept]
 
-    def _make_room(self, prompt_len: int, width: int) -> None:
-        """Move the running rows right so that a prompt of prompt_len columns fits before the
-        current column, in buffers `width` columns wide."""
-        shift = max(0, prompt_len - self.cache.length)
-        length = self.cache.length
-        self.cache.realign(shift, width)
-        self.mask = _realign_mask(self.mask[:, :length], shift, width)
+
+_STATIC_CACHES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> its static SlotKVCache
 
 
-_STATIC_CACHES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> its static KVCache
-
-
-def _static_cache(model, shape: tuple[int, int], dtype: torch.dtype, device: torch.device) -> KVCache:
-    """The model's static cache of `shape` (rows, columns), kept from one batch to the next (one
+def _static_cache(model, shape: tuple[int, int], dtype: torch.dtype, device: torch.device) -> SlotKVCache:
+    """The model's static cache of `shape` (slots, columns), kept from one batch to the next (one
     per model, as gpt-fast's setup_caches): a captured CUDA graph then finds its buffers at the
     same addresses and replays instead of recording again. One static batch per model at a time."""
     cache = _STATIC_CACHES.get(model)
-    if cache is None or (cache.k[0].shape[0], cache.max_len, cache.k[0].dtype, cache.k[0].device) != (
+    if cache is None or (cache.slots, cache.width, cache.k[0].dtype, cache.k[0].device) != (
         *shape, dtype, torch.device(device)):  # fmt: skip
-        cache = _STATIC_CACHES[model] = KVCache(model.config, *shape, dtype=dtype, device=device, static=True)
+        cache = _STATIC_CACHES[model] = SlotKVCache(model.config, *shape, dtype=dtype, device=device, static=True)
     return cache
-
-
-def _realign_mask(mask: torch.Tensor, shift: int, width: int) -> torch.Tensor:
-    """mask (B, S) moved `shift` columns right (0s come in; < 0 drops columns) and filled
-    with 1s (tokens still to come) up to `width` columns."""
-    B, S = mask.shape
-    out = mask.new_ones(B, width)  # (B, width)
-    out[:, : max(0, shift)] = 0
-    out[:, max(0, shift) : S + shift] = mask[:, max(0, -shift) :]
-    return out
 
 
 def _prompt_ids(tokenizer, prompt, index: int) -> list[int]:

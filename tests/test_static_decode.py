@@ -1,8 +1,9 @@
 """The static-shape decode (gpt-fast's design, for CUDA graphs) gives the dynamic path's tokens.
 
-The static KV cache writes at a position tensor and hands attention the whole buffer with a
-mask; each decode step has the same shapes. Eager, it must give exactly the dynamic path's
-tokens and (to float rounding) its hidden states; compiled (torch.compile, inductor's CPU
+The slot KV cache (a row per slot, each at its own length) hands attention a view of the
+rows' columns, or, static, the whole buffer; static decode steps all have the same shapes.
+Eager, it must give exactly the dynamic path's tokens and (to float rounding) its hidden
+states, each row those of running it alone; compiled (torch.compile, inductor's CPU
 backend here), the same tokens with no graph break and no recompilation per step.
 """
 
@@ -15,48 +16,82 @@ from tiny_lm import tiny_model
 
 from minidpo.kv_cache import KVCache
 from minidpo.sampler import STATIC_COLUMNS, DecodeBatch, SamplingParams, generate
+from minidpo.slot_cache import SlotKVCache
 
 
-def test_static_cache_writes_at_its_position_and_returns_the_whole_buffer(model):
-    cache = KVCache(model.config, 2, 8, static=True)
-    k = torch.randn(2, model.config.num_key_value_heads, 3, model.config.head_dim)  # (B, nkv, T, hd)
-    cache.advance(2)
-    keys, values = cache.update(0, k, -k)
-    assert keys.shape[2] == values.shape[2] == 8 and cache.columns(3)[1] == 8
-    assert torch.equal(keys[:, :, 2:5], k) and torch.equal(values[:, :, 2:5], -k)
-    assert not keys[:, :, :2].any() and not keys[:, :, 5:].any()
-    cache.advance(3)
-    assert cache.position.tolist() == [5]
-    with pytest.raises(ValueError, match="static"):
-        cache.select_rows(torch.tensor([0]))
+def test_slot_cache_writes_each_row_at_its_own_column_and_moves_only_top_rows(model):
+    config = model.config
+    cache = SlotKVCache(config, 4, 8)
+    for P in (3, 1, 5):  # three rows of different lengths, joined one by one
+        prefilled = KVCache(config, 1, P)
+        prefilled.update(0, torch.full((1, config.num_key_value_heads, P, config.head_dim), float(P)), torch.zeros(
+            1, config.num_key_value_heads, P, config.head_dim))  # fmt: skip
+        prefilled.advance(P)
+        cache.put(prefilled, torch.ones(1, P, dtype=torch.bool))
+    assert cache.rows == 3 and cache.lengths.tolist() == [3, 1, 5, 0] and cache.longest == 5
+    new = torch.arange(3.0)[:, None, None, None].expand(3, config.num_key_value_heads, 1, config.head_dim)
+    assert cache.columns(1) == (5, 6)
+    keys, _ = cache.update(0, new, new)  # (3, nkv, 6, hd): a view, row i's new key at column lengths[i]
+    assert keys.shape[2] == 6 and keys.data_ptr() == cache.k[0].data_ptr()
+    assert [keys[i, 0, col, 0].item() for i, col in enumerate((3, 1, 5))] == [0.0, 1.0, 2.0]
+    mask = cache.decode_mask()[:, 0, 0]  # (3, 6)
+    assert mask.tolist() == [[c <= n for c in range(6)] for n in (3, 1, 5)]
+    cache.advance(1)
+    assert cache.lengths.tolist() == [4, 2, 6, 0]
+    order = cache.keep([1, 2])  # row 0 leaves: row 2 moves into slot 0, row 1 stays
+    assert (
+        order == [2, 1] and cache.rows == 2 and cache.lengths.tolist() == [6, 2, 0, 0] and cache.longest == 6
+    )
+    assert cache.k[0][0, 0, :6, 0].tolist() == [5.0] * 5 + [2.0]
+    with pytest.raises(ValueError, match="one token"):
+        cache.columns(2)
 
 
-@pytest.mark.parametrize("overrides", [{}, {"sliding_window": 5, "model_type": "mistral"}], ids=["llama", "window"])
-def test_static_forward_equals_dynamic_forward_step_by_step(tok, overrides):
+@pytest.mark.parametrize("static", [False, True], ids=["dynamic", "static"])
+@pytest.mark.parametrize(
+    "overrides", [{}, {"sliding_window": 5, "model_type": "mistral"}], ids=["llama", "window"]
+)
+def test_slot_cache_decode_equals_each_row_alone_step_by_step(tok, overrides, static):
+    """Rows of different lengths (one left-padded) decode side by side in a slot cache; each
+    row's hidden states equal running it alone with a plain KVCache, in float64."""
     model = tiny_model(tok.vocab_size, seed=3, **overrides).double()
-    lengths, P, steps, max_len = [4, 7, 2], 7, 6, 16
-    mask = torch.ones(3, max_len, dtype=torch.long)  # (B, max_len)
-    ids = torch.zeros(3, P, dtype=torch.long)  # (B, P) left-padded
-    for i, (n, prompt) in enumerate(zip(lengths, prompts_of_lengths(tok, lengths))):
-        ids[i, P - n :], mask[i, : P - n] = torch.tensor(prompt), 0
-    positions = (mask[:, :P].cumsum(-1) - 1).clamp(min=0)  # (B, P)
-    dynamic = KVCache(model.config, 3, max_len, dtype=torch.float64)
-    static = KVCache(model.config, 3, max_len, dtype=torch.float64, static=True)
+    prompts = prompts_of_lengths(tok, [4, 7, 2], seed=0)
+    steps = 6
+    slots = SlotKVCache(model.config, 4, 16, dtype=torch.float64, static=static)
+    alone, h_slot, h_alone, positions = [], [], [], []
     with torch.no_grad():
-        h_dyn = model(ids, attention_mask=mask[:, :P], kv_cache=dynamic)  # (B, P, D)
-        h_st = model(ids, attention_mask=mask, position_ids=positions, kv_cache=static)  # (B, P, D)
-        next_pos = positions[:, -1:] + 1  # (B, 1)
-        for step in range(steps):
-            real = mask[:, :P].bool()  # padding queries' outputs are never used
-            torch.testing.assert_close(h_st[real[:, -h_st.shape[1] :]] if step == 0 else h_st,
-                                       h_dyn[real[:, -h_dyn.shape[1] :]] if step == 0 else h_dyn,
-                                       rtol=1e-12, atol=1e-12)  # fmt: skip
-            token = model.lm_head(h_dyn[:, -1]).argmax(-1, keepdim=True)  # (B, 1)
-            h_dyn = model(token, attention_mask=mask[:, : dynamic.length + 1], position_ids=next_pos,
-                          kv_cache=dynamic)  # fmt: skip
-            h_st = model(token, attention_mask=mask, position_ids=next_pos, kv_cache=static)
-            next_pos = next_pos + 1
-    assert static.position.tolist() == [dynamic.length] == [P + steps]
+        for i, prompt in enumerate(prompts):
+            ids = torch.tensor([prompt])  # (1, n)
+            cache = KVCache(model.config, 1, 16, dtype=torch.float64)
+            h_alone.append(model(ids, kv_cache=cache)[:, -1])  # (1, D)
+            alone.append(cache)
+            if i == 2:  # the last joins left-padded by two columns
+                ids, real = (
+                    torch.cat([torch.zeros(1, 2, dtype=torch.long), ids], 1),
+                    torch.tensor([[0, 0, 1, 1]]),
+                )
+                prefilled = KVCache(model.config, 1, 4, dtype=torch.float64)
+                h = model(ids, attention_mask=real, kv_cache=prefilled)[:, -1]
+                slots.put(prefilled, real.bool())
+            else:
+                prefilled = KVCache(model.config, 1, len(prompt), dtype=torch.float64)
+                h = model(ids, kv_cache=prefilled)[:, -1]
+                slots.put(prefilled, torch.ones(1, len(prompt), dtype=torch.bool))
+            h_slot.append(h)
+            positions.append(len(prompt))
+        h_slot, h_alone = torch.cat(h_slot), torch.cat(h_alone)  # (3, D)
+        positions = torch.tensor(positions)[:, None]  # (3, 1)
+        B = slots.slots if static else 3
+        for _ in range(steps):
+            torch.testing.assert_close(h_slot, h_alone, rtol=1e-12, atol=1e-12)
+            token = model.lm_head(h_alone).argmax(-1, keepdim=True)  # (3, 1)
+            h_alone = torch.cat([model(token[i : i + 1], kv_cache=alone[i])[:, -1] for i in range(3)])
+            ids = torch.nn.functional.pad(token, (0, 0, 0, B - 3))  # (B, 1) idle slots fed padding
+            pos = torch.nn.functional.pad(positions, (0, 0, 0, B - 3))  # (B, 1)
+            h_slot = model(ids, attention_mask=slots.decode_mask(model.config.sliding_window), position_ids=pos,
+                           kv_cache=slots)[:3, -1]  # fmt: skip
+            positions = positions + 1
+    assert slots.lengths[:3].tolist() == [4 + steps, 7 + steps, 4 + steps]
 
 
 def sampled_cases(tok):
