@@ -297,3 +297,22 @@ def test_drawing_from_unnormalised_or_broken_rows():
     assert bad.tolist() == [False, True, True]
     assert tokens[1:].tolist() == [0, 0]
 
+
+
+def test_draws_across_blocks_and_a_partial_last_block():
+    # V = 700: two full blocks of 256 and a partial one; a third of the tokens without mass
+    g = torch.Generator().manual_seed(2)
+    p = torch.rand(700, generator=g) ** 4
+    p[torch.randperm(700, generator=g)[:230]] = 0
+    p[-1] = 0.05  # the very last token has mass
+    p = p / p.sum()
+    n = 60000
+    tokens, bad = draw_tokens(p.expand(n, -1), [g] * n)
+    assert not bad.any()
+    freq = torch.bincount(tokens, minlength=700).double() / n
+    assert (freq[p == 0] == 0).all()
+    sigma = (p.double() * (1 - p.double()) / n).sqrt()
+    assert ((freq - p.double()).abs() <= 5 * sigma + 1 / n).all()
+    blocks = [slice(0, 256), slice(256, 512), slice(512, 700)]
+    for b in blocks:  # the mass per block, where rounding would show first
+        assert abs(freq[b].sum() - p[b].double().sum()) < 5 * (0.25 / n) ** 0.5
