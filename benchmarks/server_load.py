@@ -31,9 +31,15 @@ with the static batching it replaced (commit 222bab2^):
 
     git archive 222bab2^ minidpo | tar -x -C /tmp/static
     for i in 1 2; do   # A B A B on a quiet machine
-      python -m benchmarks.server_load --mix plain --label continuous
-      python -m benchmarks.server_load --mix plain --label "static (222bab2^)" --server-pythonpath /tmp/static
+      python -m benchmarks.server_load --mix plain --label continuous --round $i
+      python -m benchmarks.server_load --mix plain --label "static (222bab2^)" --server-pythonpath /tmp/static --round $i
     done
+
+That mixes two changes (the batching and everything else since). --server-arg passes a
+flag to `minidpo serve`; `--server-arg=--static-batching` runs today's server admitting only
+into an empty batch, which isolates the batching:
+
+    python -m benchmarks.server_load --mix plain --label static --server-arg=--static-batching
 
 Rows with the same label, mix and model replace each other in the day's file unless
 --round N keeps them apart; requests_per_s is the comparison for the plain mix.
@@ -81,7 +87,7 @@ def tiny_model_dir(folder: Path) -> Path:
 def start_server(model_dir: Path, args) -> tuple[subprocess.Popen, str, int]:
     """The serve process and its host, port (read from its start line)."""
     command = [sys.executable, "-m", "minidpo", "serve", "--model", str(model_dir), "--port", "0", "--quiet",
-               "--model-name", "bench", "--max-batch-size", str(args.max_batch_size)]  # fmt: skip
+               "--model-name", "bench", "--max-batch-size", str(args.max_batch_size), *args.server_arg]  # fmt: skip
     env, cwd = dict(os.environ), None
     if args.server_pythonpath:  # `python -m` puts its working folder first on sys.path: start it there
         env["PYTHONPATH"] = cwd = str(Path(args.server_pythonpath).resolve())
@@ -286,6 +292,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-batch-size", type=int, default=32, help="the server's --max-batch-size")
     parser.add_argument("--timeout", type=float, default=120.0, help="client socket timeout (s)")
     parser.add_argument("--server-pythonpath", help="run the server from this checkout (PYTHONPATH)")
+    parser.add_argument("--server-arg", action="append", default=[],
+                        help="a flag for `minidpo serve` (repeatable), e.g. --server-arg=--static-batching")  # fmt: skip
     parser.add_argument("--note", default="", help="conditions to record (machine load, ...)")
     parser.add_argument("--mix", choices=("full", "plain"), default="full",
                         help="full: streams, n = 2, logprobs; plain: n = 1, no logprobs (what older servers take)")

@@ -423,6 +423,7 @@ def make_server(
     read_timeout: float = 5.0,
     request_timeout: float | None = None,
     compile: bool = False,
+    static_batching: bool = False,
     verbose: bool = False,
 ) -> ChatServer:
     """A bound ChatServer with its model thread running; call serve_forever(), later close().
@@ -432,7 +433,8 @@ def make_server(
     is listen()'s queue of connections not yet accepted; max_queue bounds the requests
     waiting for the model (beyond it: 503); an idle model thread waits batch_window (s)
     after a first request for more to prefill with. read_timeout (s) bounds the wait for a body,
-    request_timeout (s, None: none) a request's whole run.
+    request_timeout (s, None: none) a request's whole run. static_batching admits requests
+    only into an empty batch (the baseline continuous batching is measured against).
     """
     if api_key is not None and not api_key:
         raise MiniDPOError("api_key is empty: give a key, or None for no authentication")
@@ -445,7 +447,7 @@ def make_server(
         if value is not None and not 0 < value < math.inf:
             raise MiniDPOError(f"{name} must be a finite number of seconds > 0, got {value}")
     worker = BatchWorker(model, tokenizer, max_batch_size=max_batch_size, batch_window=batch_window,
-                         max_queue=max_queue, compile=compile)  # fmt: skip
+                         max_queue=max_queue, compile=compile, static_batching=static_batching)  # fmt: skip
     if max_total_tokens is None:
         max_total_tokens = min(model.config.max_position_embeddings, 8192)
     fmt = tokenizer.chat_format_or(chat_format)

@@ -10,7 +10,9 @@ Retry-After). The one model thread loops:
        deadline (504 request_timeout);
     3. step: one token for every row; a row that finishes leaves the batch at once.
 
-So a request never waits for another to finish, only for one decode step. Each request
+So a request never waits for another to finish, only for one decode step. With
+`static_batching` (a baseline for benchmarks/server_load.py) step 1 runs only when the batch
+is empty: a request that arrives while a batch runs waits for all of its rows to end. Each request
 gets its results on its own queue, `events`: (choice, "text", str) as text is decoded,
 (choice, "done", Completion) when a row ends, or (None, "error", RequestError). A row that
 fails alone (its own sampling) fails its request only; a prefill or step that raises fails
@@ -55,8 +57,10 @@ class GenerationRequest:
 class BatchWorker:
     """The one thread that runs the model, admitting requests into the running batch."""
 
-    def __init__(self, model, tokenizer, *, max_batch_size: int, batch_window: float, max_queue: int, compile: bool):
+    def __init__(self, model, tokenizer, *, max_batch_size: int, batch_window: float, max_queue: int, compile: bool,
+                 static_batching: bool = False):  # fmt: skip
         self.model, self.tokenizer, self.compile = model, tokenizer, compile
+        self.static_batching = static_batching
         self.max_batch_size, self.batch_window = max_batch_size, batch_window
         self.queue: queue.Queue[GenerationRequest | None] = queue.Queue(maxsize=max_queue)
         self.waiting: GenerationRequest | None = None  # taken from the queue, not admitted yet
@@ -115,6 +119,8 @@ class BatchWorker:
     def _admit(self, batch: DecodeBatch, *, block: bool) -> None:
         """Prefill the waiting requests whose rows fit and join them to the batch. An idle
         worker (block) waits for a first request, then batch_window seconds for more."""
+        if self.static_batching and batch.rows:
+            return
         admitted, free, window_end = [], self.max_batch_size - len(batch.rows), 0.0
         while True:
             if self.waiting is None:

@@ -220,3 +220,30 @@ def test_streamed_logprobs_come_whole_with_the_last_chunk(api):
     streamed = [entry for c in chunks if c.choices[0].logprobs for entry in c.choices[0].logprobs.content]
     assert [(e.token, e.logprob) for e in streamed] == [(e.token, e.logprob) for e in whole]
     assert chunks[-1].choices[0].finish_reason == "length" and chunks[-1].choices[0].logprobs is not None
+
+
+def test_static_batching_makes_a_newcomer_wait_for_the_running_batch(model, tok):
+    """The benchmark's baseline (--static-batching): the short request sent while a long one
+    decodes is admitted only once the long one has ended, and gives the same text."""
+    question = [{"role": "user", "content": "Name a salt."}]
+    with serve_in_thread(model, tok, model_name="tiny", max_batch_size=8, static_batching=True) as server:
+        client = openai.OpenAI(base_url=server.url, api_key="unused", max_retries=0, timeout=60)
+        alone = client.chat.completions.create(model="tiny", messages=question, max_tokens=6, temperature=0,
+                                               extra_body=FIXED)  # fmt: skip
+        steps = server.worker.steps
+
+        def long_request():
+            client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=60, temperature=0,
+                                           extra_body=FIXED)  # fmt: skip
+
+        thread = threading.Thread(target=long_request)
+        thread.start()
+        while server.worker.steps < steps + 5:  # the long request is decoding
+            time.sleep(0.005)
+        short = client.chat.completions.create(model="tiny", messages=question, max_tokens=6, temperature=0,
+                                               extra_body=FIXED)  # fmt: skip
+        steps_taken = server.worker.steps - steps
+        thread.join(60)
+    assert short.choices[0].message.content == alone.choices[0].message.content
+    assert steps_taken >= 60 + 6  # one after the other: continuous batching would take 60
+    assert max(server.worker.batch_sizes) == 1

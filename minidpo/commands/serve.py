@@ -31,6 +31,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--read-timeout", type=float, default=5.0, help="seconds to wait for a request body (then 408)")
     parser.add_argument("--request-timeout", type=float, default=600.0,
                         help="seconds a request may run before its rows are ended (504)")  # fmt: skip
+    parser.add_argument("--static-batching", action="store_true",
+                        help="admit requests only into an empty batch (a baseline for benchmarks)")  # fmt: skip
     parser.add_argument("--quiet", action="store_true", help="no access log")
 
 
@@ -80,6 +82,7 @@ def run(args) -> int:
             read_timeout=args.read_timeout,
             request_timeout=args.request_timeout,
             compile=args.compile,
+            static_batching=args.static_batching,
             verbose=not args.quiet,
         )
     except OSError as e:
