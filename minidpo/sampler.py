@@ -361,8 +361,22 @@ class DecodeBatch:
                     self.cache.take(cache)
         elif cache is None:
             self.cache = SlotKVCache(self.model.config, rows, width, dtype=self.dtype, device=self.device)
-        elif rows > cache.slots or width > cache.width:
-            self.cache = cache.grown(max(rows, 2 * cache.slots) if rows > cache.slots else rows, width)
+        elif rows > cache.slots or width > cache.width:  # slots double, so that joins rarely copy
+            slots = max(rows, 2 * cache.slots) if rows > cache.slots else cache.slots
+            self.cache = cache.resized(slots, max(width, cache.width))
+
+    def _shrink(self) -> None:
+        """After rows left (dynamic cache only): give memory back once the rows left need at
+        most a quarter of the columns or fill at most a quarter of the slots, down to half (room
+        to come back without growing again at once: joins and leaves do not resize by turns)."""
+        cache = self.cache
+        ends = cache.lengths[: len(self.rows)] + torch.tensor([r.budget + 1 for r in self.rows], device=self.device)
+        need = -(-int(ends.max()) // STATIC_COLUMNS) * STATIC_COLUMNS  # the most columns a row will reach
+        half = -(-cache.width // 2 // STATIC_COLUMNS) * STATIC_COLUMNS
+        width = max(need, half) if need <= cache.width // 4 else cache.width
+        slots = cache.slots // 2 if len(self.rows) <= cache.slots // 4 else cache.slots
+        if (slots, width) != (cache.slots, cache.width):
+            self.cache = cache.resized(slots, width)
 
     def _retire(self, next_ids: torch.Tensor | None) -> torch.Tensor | None:
         """Drop the rows that ended (telling on_finish), compacting the others into the first slots."""
@@ -384,6 +398,8 @@ class DecodeBatch:
         self.rows = [self.rows[j] for j in order]
         self.positions, self.hidden = self.positions[kept], self.hidden[kept]
         self.chooser.select_rows(kept)
+        if self.rows and not self.static:
+            self._shrink()
         return None if next_ids is None else next_ids[kept]
 
 

@@ -20,7 +20,9 @@ under `decode_mask`, which hides each row's padding and the columns past its own
 
 Joining (`put`) copies a prefilled cache's rows into the slots after the batch; leaving
 (`keep`) moves the rows from the top slots down into the freed ones, one row's columns
-each, so neither touches the rows that stay. (vLLM's paged cache goes further and copies
+each, so neither touches the rows that stay. `resized` copies the rows into a cache of
+another shape: its owner grows it for newcomers and shrinks it once the rows that needed
+the room have left (a busy server's batch may never empty). (vLLM's paged cache goes further and copies
 nothing; a row-per-slot buffer keeps attention a plain sdpa over a view.)
 
 Static (for CUDA graphs, gpt-fast's design): forwards run over all `slots` rows and the
@@ -157,27 +159,28 @@ class SlotKVCache:
         self.longest = int(self.lengths[:B].max()) if B else 0
         return order
 
-    def grown(self, slots: int, width: int) -> SlotKVCache:
-        """A cache of at least this many slots and columns holding this one's rows (self when it
-        already fits)."""
-        if slots <= self.slots and width <= self.width:
+    def resized(self, slots: int, width: int) -> SlotKVCache:
+        """A cache of this many slots and columns holding this one's rows (self when the shape
+        is the same): bigger when rows join, smaller when the rows that needed the room leave."""
+        if (slots, width) == (self.slots, self.width):
             return self
         k0 = self.k[0]
-        bigger = SlotKVCache(self.config, max(slots, self.slots), max(width, self.width), dtype=k0.dtype,
-                             device=k0.device, static=self.static)  # fmt: skip
-        bigger.take(self)
-        return bigger
+        other = SlotKVCache(self.config, slots, width, dtype=k0.dtype, device=k0.device, static=self.static)
+        other.take(self)
+        return other
 
     def take(self, other: SlotKVCache) -> None:
-        """Copy other's live rows (which must fit) into this cache, in place: a static cache's
-        buffers keep their addresses, so a captured graph reads them on."""
-        B, W = other.rows, other.width
-        if B > self.slots or W > self.width:
-            raise ValueError(f"cannot take {B} rows of {W} columns into {self.slots} slots of {self.width}")
+        """Copy other's live rows into this cache, in place (a static cache's buffers keep their
+        addresses, so a captured graph reads them on). The rows must fit: columns past this
+        cache's width are dropped, so none may be written there yet."""
+        B, W = other.rows, min(other.width, self.width)
+        if B > self.slots or other.longest > self.width:
+            raise ValueError(f"cannot take {B} rows of up to {other.longest} columns into {self.slots} slots "
+                             f"of {self.width}")  # fmt: skip
         for mine, theirs in zip((*self.k, *self.v), (*other.k, *other.v)):
-            mine[:B, :, :W] = theirs[:B]
+            mine[:B, :, :W] = theirs[:B, :, :W]
         self.real.fill_(True)
-        self.real[:B, :W] = other.real[:B]
+        self.real[:B, :W] = other.real[:B, :W]
         self.lengths.zero_()
         self.lengths[:B] = other.lengths[:B]
         self.live.zero_()

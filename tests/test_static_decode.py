@@ -15,7 +15,7 @@ from test_sampler import greedy_by_recompute, prompts_of_lengths
 from tiny_lm import tiny_model
 
 from minidpo.kv_cache import KVCache
-from minidpo.sampler import STATIC_COLUMNS, DecodeBatch, SamplingParams, generate
+from minidpo.sampler import STATIC_COLUMNS, DecodeBatch, SamplingParams, generate, generate_rows
 from minidpo.slot_cache import SlotKVCache
 
 
@@ -179,3 +179,29 @@ def test_compiled_decode_on_cuda_replays_cuda_graphs_and_gives_the_eager_tokens(
     assert generate(model, tok, prompts, compile=True, **options) == eager  # replays
     assert not counters["inductor"]["cudagraph_skips"], dict(counters["inductor"])
     assert not counters["graph_break"], dict(counters["graph_break"])
+
+
+def test_the_cache_shrinks_once_the_rows_that_needed_the_room_leave(tok):
+    """A long request (300 tokens) and seven short ones share a batch; once the long one is
+    cancelled and six short ones end, the cache gives back columns and slots, and the rows
+    still running give the tokens they give alone."""
+    model = tiny_model(tok.vocab_size, seed=9)
+    prompts = prompts_of_lengths(tok, [5, 3, 8, 4, 6, 2, 7, 5], seed=4)
+    budgets = [300, 4, 4, 4, 4, 4, 4, 20]
+    done = {}
+    with torch.inference_mode():
+        batch = DecodeBatch(model, tok, on_finish=lambda key, c: done.__setitem__(key, c))
+        batch.add(prompts, [SamplingParams(max_new_tokens=n, ignore_eos=True) for n in budgets], list(range(8)))
+        shapes = [(batch.cache.slots, batch.cache.width)]
+        for step in range(25):
+            if step == 2:
+                batch.cancel({0})
+            if batch.rows:
+                batch.step()
+                shapes.append((batch.cache.slots, batch.cache.width) if batch.rows else None)
+    assert shapes[0] == (8, 320)  # 8 + 300 - 1 columns, rounded up to 64
+    assert (8, 192) in shapes  # the rows left need at most 8 + 20 - 1 columns: half go back
+    assert shapes[-2] == (4, 192)  # one row left in 8 slots: half the slots go back
+    for k in range(1, 8):
+        alone = generate_rows(model, tok, [prompts[k]], [SamplingParams(max_new_tokens=budgets[k], ignore_eos=True)])
+        assert done[k] == alone[0]
