@@ -51,9 +51,7 @@ class SlotKVCache:
         static: bool = False,
     ):
         if slots < 1 or width < 1:
-            raise ValueError(
-                f"a slot cache needs slots >= 1 and width >= 1, got slots={slots}, width={width}"
-            )
+            raise ValueError(f"a slot cache needs slots >= 1 and width >= 1, got slots={slots}, width={width}")
         self.config, self.static = config, static
         shape = (slots, config.num_key_value_heads, width, config.head_dim)
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
@@ -82,9 +80,7 @@ class SlotKVCache:
         cache pass position ids and, unless every row has the same length and no padding,
         a 4-D mask (decode_mask). Static: (0, width), numbers that never change."""
         if T != 1:
-            raise ValueError(
-                f"a slot cache takes decode steps of one token per row, got {T} (prefill into a KVCache)"
-            )
+            raise ValueError(f"a slot cache takes decode steps of one token per row, got {T} (prefill into a KVCache)")
         return (0, self.width) if self.static else (self.longest, self.longest + 1)
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
