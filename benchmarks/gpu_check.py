@@ -23,6 +23,9 @@
     bench-logprob    100 s   python -m benchmarks logprob (kernels vs eager, compile, Liger)
     bench-dpo_step    90 s   python -m benchmarks dpo_step (minidpo vs TRL on the smoke model)
     bench-train_step 120 s   python -m benchmarks train_step (Llama-3-8B LoRA-DPO vs HF+PEFT(+Liger))
+    bench-serve      120 s   python -m benchmarks.server_load on the smoke model, continuous batching
+                             then --static-batching, 20 s each: no failed request; tokens/s and
+                             time to first token of both (in the step's detail line)
 
 Every step runs in its own processes under min(its cap, the time left of --budget); a step
 that fails or times out is recorded and the next one starts; steps that no longer fit are
@@ -107,12 +110,12 @@ class Context:
 
     def argv(self, kind: str, args: list[str]) -> list[str]:
         modules = {"minidpo": "minidpo", "benchmarks": "benchmarks", "pytest": "pytest",
-                   "check": "benchmarks.gpu_check"}  # fmt: skip
+                   "check": "benchmarks.gpu_check", "server_load": "benchmarks.server_load"}  # fmt: skip
         prefix = [self.python, "-m", modules[kind]] + (["check"] if kind == "check" else [])
         return prefix + [str(a) for a in args]
 
     def sh(self, kind: str, *args, env: dict | None = None) -> str:
-        """Run one command (kind: minidpo, benchmarks, pytest, check) to completion within the
+        """Run one command (kind: minidpo, benchmarks, pytest, check, server_load) to completion within the
         step's time; return its output. Dry: validate its command line instead, return ""."""
         args = [str(a) for a in args]
         if self.dry:
@@ -178,6 +181,10 @@ def validate(kind: str, args: list[str], ctx: Context) -> None:
                 raise StepFailed(f"pytest marker {a!r} is not declared in pyproject.toml")
         if not [a for a in args if a.endswith(".py")]:
             raise StepFailed("no test file holds a GPU test")
+    elif kind == "server_load":
+        from benchmarks.server_load import build_parser as server_load_parser
+
+        parse(server_load_parser(), args)
     elif kind == "check":
         if args[0] not in CHECKS:
             raise StepFailed(f"no check named {args[0]!r}")
@@ -398,8 +405,31 @@ def bench_step(name: str) -> Callable[[Context], str]:
     return step
 
 
+def step_bench_serve(ctx: Context) -> str:
+    """The server under load (benchmarks/server_load.py) on the smoke model, continuous batching
+    then --static-batching: does a full batch pay where decode is memory-bound? Its rows stay
+    in the work folder (the device tool brings back 8 files); the detail line has the numbers."""
+    for label, extra in (("continuous", []), ("static (--static-batching)", ["--server-arg=--static-batching"])):
+        ctx.sh("server_load", "--model", ctx.path("model"), "--duration", "20", "--burst", "20", "--label", label,
+               "--results-dir", ctx.path("server-load"), f"--server-arg=--device={ctx.device}", *extra,
+               "--note", "gpu_check: the smoke model, 20 s each, continuous then --static-batching")  # fmt: skip
+    if ctx.dry:
+        return "wired"
+    files = sorted(ctx.path("server-load").glob("server-load-*.json"), key=lambda p: p.stat().st_mtime)
+    if not files:
+        raise StepFailed(f"no server-load-*.json in {ctx.path('server-load')}")
+    rows = {r["server"]: r for r in read_json(files[-1])["rows"]}
+    cont, static = rows["continuous"], rows["static (--static-batching)"]
+    if cont["failed"] or static["failed"]:
+        raise StepFailed(f"failed requests: continuous {cont['failed']}, static {static['failed']}")
+    ratio = cont["completion_tokens_per_s"] / max(static["completion_tokens_per_s"], 1e-9)
+    return (f"tokens/s continuous {cont['completion_tokens_per_s']}, static {static['completion_tokens_per_s']} "
+            f"({ratio:.2f}x); TTFT p50 {cont['ttft_p50_ms']} vs {static['ttft_p50_ms']} ms")  # fmt: skip
+
+
 def newest_result(results_dir: Path) -> Path:
-    files = [p for p in results_dir.glob("*.json") if not p.stem.endswith(("-gpu-check", "-tiny"))]
+    files = [p for p in results_dir.glob("*.json")
+             if not p.stem.endswith(("-gpu-check", "-tiny")) and not p.stem.startswith("server-load-")]  # fmt: skip
     return max(files, key=lambda p: p.stat().st_mtime)
 
 
@@ -418,6 +448,7 @@ STEPS: list[tuple[str, float, Callable[[Context], str]]] = [
     ("bench-logprob", 100, bench_step("logprob")),
     ("bench-dpo_step", 90, bench_step("dpo_step")),
     ("bench-train_step", 120, bench_step("train_step")),
+    ("bench-serve", 120, step_bench_serve),
 ]
 
 

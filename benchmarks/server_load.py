@@ -253,15 +253,24 @@ def summarize(rows: list[dict], burst_outcomes: Counter, duration: float, args, 
     }  # fmt: skip
 
 
-def write(result: dict, note: str) -> Path:
+def server_device(server_args: list[str]) -> str:
+    """The device `minidpo serve` runs on: its --device flag, else CUDA when there is one."""
+    import torch
+
+    named = [a.split("=", 1)[1] for a in server_args if a.startswith("--device=")]
+    return named[-1] if named else "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def write(result: dict, note: str, results_dir: Path = RESULTS, device: str = "cpu") -> Path:
     """Add the row to the day's file: a row with the same server, mix, round and model is replaced."""
     import torch
 
     from benchmarks._harness import device_info, today
     from minidpo.io import atomic_write, atomic_write_json
 
-    device = device_info(torch.device("cpu"))
-    stem = RESULTS / f"server-load-{device['slug']}-{today()}"
+    device = device_info(torch.device(device))
+    results_dir.mkdir(parents=True, exist_ok=True)
+    stem = results_dir / f"server-load-{device['slug']}-{today()}"
     same = ("server", "mix", "round", "model")
     rows, notes = [], []
     if stem.with_suffix(".json").is_file():
@@ -281,7 +290,7 @@ def write(result: dict, note: str) -> Path:
     return stem
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.server_load", description=__doc__.split("\n")[0])
     parser.add_argument("--model", help="HF-format folder (default: a tiny random model with SmolLM2's tokenizer)")
     parser.add_argument("--clients", type=int, default=32)
@@ -300,7 +309,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--label", default="continuous", help="the row's name for the server under test")
     parser.add_argument("--round", type=int, default=1, help="keeps A B A B rows apart in the results file")
     parser.add_argument("--no-write", action="store_true", help="print only")
-    args = parser.parse_args(argv)
+    parser.add_argument("--results-dir", type=Path, default=RESULTS, help="where the day's file goes")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     args.load_at_start = round(os.getloadavg()[0], 2)
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -326,7 +340,8 @@ def main(argv: list[str] | None = None) -> int:
     result = summarize(rows, burst_outcomes, duration, args, model, started=start)
     print(json.dumps(result, indent=1))
     if not args.no_write:
-        print(f"wrote {write(result, args.note)}.{{json,md}}")
+        stem = write(result, args.note, args.results_dir, server_device(args.server_arg))
+        print(f"wrote {stem}.{{json,md}}")
     return 0
 
 

@@ -22,15 +22,19 @@ def test_a_short_load_run_counts_requests_and_fails_none(tiny_llama_dir, mix, ca
     assert result["requests_per_s"] > 0
 
 
-def test_rows_of_one_day_merge_by_server_mix_round_and_model(tmp_path, monkeypatch):
-    monkeypatch.setattr(server_load, "RESULTS", tmp_path)
+def test_rows_of_one_day_merge_by_server_mix_round_and_model(tmp_path):
     row = {"server": "continuous", "mix": "plain", "round": 1, "model": "m", "requests": 10,
            "failures": {}, "burst_failures": {}}  # fmt: skip
-    server_load.write(row, "quiet")
-    server_load.write(row | {"server": "static"}, "quiet")
-    server_load.write(row | {"requests": 12}, "second try")
+    server_load.write(row, "quiet", tmp_path)
+    server_load.write(row | {"server": "static"}, "quiet", tmp_path)
+    server_load.write(row | {"requests": 12}, "second try", tmp_path)
     payload = json.loads(next(tmp_path.glob("*.json")).read_text())
     assert [(r["server"], r["requests"]) for r in payload["rows"]] == [("static", 10), ("continuous", 12)]
     assert payload["notes"] == ["quiet", "second try"]
     table = next(tmp_path.glob("*.md")).read_text()
     assert table.count("| continuous |") == 1 and "| static |" in table
+
+
+def test_the_results_file_names_the_servers_device():
+    assert server_load.server_device(["--device=cpu"]) == "cpu"
+    assert server_load.server_device(["--static-batching", "--device=cuda:0"]) == "cuda:0"
