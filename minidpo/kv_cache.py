@@ -18,6 +18,14 @@ import torch
 from minidpo.config import ModelConfig
 
 
+def layer_buffers(config: ModelConfig, rows: int, width: int, dtype: torch.dtype, device) -> tuple[list, list]:
+    """Zeroed keys and values, one (rows, n_kv_heads, width, head_dim) tensor per layer each."""
+    shape = (rows, config.num_key_value_heads, width, config.head_dim)
+    k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
+    v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
+    return k, v
+
+
 class KVCache:
     def __init__(
         self,
@@ -28,9 +36,7 @@ class KVCache:
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
     ):
-        shape = (batch_size, config.num_key_value_heads, max_len, config.head_dim)
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
+        self.k, self.v = layer_buffers(config, batch_size, max_len, dtype, device)
         self.max_len = max_len
         self.length = 0  # columns [0, length) hold keys/values
 

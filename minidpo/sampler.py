@@ -349,15 +349,16 @@ class DecodeBatch:
 
     def _reserve(self, rows: int, width: int) -> None:
         """A cache with room for this many rows and columns (grown, its rows copied, if not)."""
-        width = -(-width // STATIC_COLUMNS) * STATIC_COLUMNS
+        width = _round_up(width, STATIC_COLUMNS)
         cache = self.cache
         if self.static:
             slots = 1 << (rows - 1).bit_length()
             shape = (max(slots, cache.slots), max(width, cache.width)) if cache else (slots, width)
             if cache is None or shape != (cache.slots, cache.width):
                 self.cache = _static_cache(self.model, shape, self.dtype, self.device)
-                self.cache.reset()
-                if cache is not None:
+                if cache is None:
+                    self.cache.reset()
+                else:
                     self.cache.take(cache)
         elif cache is None:
             self.cache = SlotKVCache(self.model.config, rows, width, dtype=self.dtype, device=self.device)
@@ -370,10 +371,10 @@ class DecodeBatch:
         most a quarter of the columns or fill at most a quarter of the slots, down to half (room
         to come back without growing again at once: joins and leaves do not resize by turns)."""
         cache = self.cache
-        ends = cache.lengths[: len(self.rows)] + torch.tensor([r.budget + 1 for r in self.rows], device=self.device)
-        need = -(-int(ends.max()) // STATIC_COLUMNS) * STATIC_COLUMNS  # the most columns a row will reach
-        half = -(-cache.width // 2 // STATIC_COLUMNS) * STATIC_COLUMNS
-        width = max(need, half) if need <= cache.width // 4 else cache.width
+        lengths = cache.lengths[: len(self.rows)].tolist()
+        most = max(n + r.budget + 1 for n, r in zip(lengths, self.rows))  # the most columns a row will reach
+        need = _round_up(most, STATIC_COLUMNS)
+        width = max(need, _round_up(cache.width // 2, STATIC_COLUMNS)) if need <= cache.width // 4 else cache.width
         slots = cache.slots // 2 if len(self.rows) <= cache.slots // 4 else cache.slots
         if (slots, width) != (cache.slots, cache.width):
             self.cache = cache.resized(slots, width)
@@ -415,6 +416,10 @@ def _static_cache(model, shape: tuple[int, int], dtype: torch.dtype, device: tor
         *shape, dtype, torch.device(device)):  # fmt: skip
         cache = _STATIC_CACHES[model] = SlotKVCache(model.config, *shape, dtype=dtype, device=device, static=True)
     return cache
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
 
 
 def _prompt_ids(tokenizer, prompt, index: int) -> list[int]:

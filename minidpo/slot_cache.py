@@ -36,7 +36,7 @@ from __future__ import annotations
 import torch
 
 from minidpo.config import ModelConfig
-from minidpo.kv_cache import KVCache
+from minidpo.kv_cache import KVCache, layer_buffers
 
 
 class SlotKVCache:
@@ -53,16 +53,15 @@ class SlotKVCache:
         if slots < 1 or width < 1:
             raise ValueError(f"a slot cache needs slots >= 1 and width >= 1, got slots={slots}, width={width}")
         self.config, self.static = config, static
-        shape = (slots, config.num_key_value_heads, width, config.head_dim)
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
+        self.k, self.v = layer_buffers(config, slots, width, dtype, device)
+        self.slot_ids = torch.arange(slots, device=device)  # (slots,) row i's slot, for the writes
         self.lengths = torch.zeros(slots, dtype=torch.long, device=device)  # (slots,)
         self.real = torch.ones(slots, width, dtype=torch.bool, device=device)  # (slots, width)
         self.live = torch.zeros(slots, dtype=torch.long, device=device)  # (slots,)
         self.rows = 0  # slots [0, rows) are live
         self.longest = 0  # max(lengths[:rows]), kept on the host: the dynamic key length is longest + 1
         if static:
-            for buffer in (*self.k, *self.v, self.lengths, self.live):
+            for buffer in (*self.k, *self.v, self.slot_ids, self.lengths, self.live):
                 torch._dynamo.mark_static_address(buffer)
 
     @property
@@ -87,10 +86,9 @@ class SlotKVCache:
         """Write each row's new k, v (B, n_kv, 1, hd) at its own column; the keys/values
         attention sees: (B, n_kv, S, hd), views into the buffers."""
         B = k.shape[0]
-        rows = torch.arange(B, device=k.device)  # (B,)
-        columns = self.lengths[:B]  # (B,)
-        self.k[layer][rows, :, columns] = k[:, :, 0]  # (B, n_kv, hd) into (slot, :, column)
-        self.v[layer][rows, :, columns] = v[:, :, 0]
+        slots, columns = self.slot_ids[:B], self.lengths[:B]  # (B,) each
+        self.k[layer][slots, :, columns] = k[:, :, 0]  # (B, n_kv, hd) into (slot, :, column)
+        self.v[layer][slots, :, columns] = v[:, :, 0]
         if self.static:
             return self.k[layer], self.v[layer]
         S = self.longest + 1
@@ -173,13 +171,11 @@ class SlotKVCache:
         if B > self.slots or other.longest > self.width:
             raise ValueError(f"cannot take {B} rows of up to {other.longest} columns into {self.slots} slots "
                              f"of {self.width}")  # fmt: skip
+        self.reset()
         for mine, theirs in zip((*self.k, *self.v), (*other.k, *other.v)):
             mine[:B, :, :W] = theirs[:B, :, :W]
-        self.real.fill_(True)
         self.real[:B, :W] = other.real[:B, :W]
-        self.lengths.zero_()
         self.lengths[:B] = other.lengths[:B]
-        self.live.zero_()
         self.live[:B] = 1
         self.rows, self.longest = B, other.longest
 
